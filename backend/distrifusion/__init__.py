@@ -1,0 +1,1 @@
+"""DistriFusion displaced patch parallelism for diffusers UNets over torch.distributed."""
