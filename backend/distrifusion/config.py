@@ -1,0 +1,89 @@
+"""Configuration of a patch-parallel run: which parallelism, which approximations, which device."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+
+class Mode(enum.StrEnum):
+    """How stale activations and GroupNorm statistics are used after the warm-up steps.
+
+    The names are the DistriFusion reference's, so results can be compared with the paper.
+    """
+
+    FULL_SYNC = "full_sync"
+    """Everything exchanged fresh at every step: exact, no overlap of communication."""
+    SYNC_GN = "sync_gn"
+    """Stale halos and keys/values, GroupNorm statistics exact (synchronous)."""
+    CORRECTED_ASYNC_GN = "corrected_async_gn"
+    """Stale halos and keys/values, GroupNorm statistics stale plus this band's change (paper Eq. 2)."""
+    STALE_GN = "stale_gn"
+    """Stale halos and keys/values, GroupNorm statistics of the other bands from the previous step."""
+    SEPARATE_GN = "separate_gn"
+    """Stale halos and keys/values, GroupNorm statistics of the local band only."""
+    NAIVE_PATCH = "naive_patch"
+    """Baseline: bands never interact (zero padding at band edges, local attention and statistics)."""
+
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration or request that cannot run; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistriConfig:
+    """How one patch-parallel group runs.
+
+    Attributes:
+        mode: one of :class:`Mode` (a string is accepted).
+        warmup_steps: synchronous steps after the first one (the first step is always synchronous).
+        split_batch: with classifier-free guidance and an even number of ranks, half of the ranks
+            denoise the unconditional batch and half the conditional one.
+        dtype: "fp32", "fp16" or "bf16".
+        device: "cpu" or "cuda"; on CUDA each rank uses the device of its local rank.
+        comm_batch_size: how many exchanged tensors share one asynchronous all-gather.
+        cuda_graphs: capture the warm-up, first-asynchronous and steady-state steps as CUDA graphs.
+    """
+
+    mode: Mode | str = Mode.CORRECTED_ASYNC_GN
+    warmup_steps: int = 4
+    split_batch: bool = False
+    dtype: str = "fp32"
+    device: str = "cpu"
+    comm_batch_size: int = 60
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            allowed = ", ".join(m.value for m in Mode)
+            raise ConfigError(f"mode: unknown mode {self.mode!r}; allowed: {allowed}") from None
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device: must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.comm_batch_size < 1:
+            raise ConfigError(f"comm_batch_size: must be >= 1, got {self.comm_batch_size}")
+        if self.cuda_graphs and self.device != "cuda":
+            raise ConfigError("cuda_graphs: CUDA graphs need device='cuda'")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def validate_world(self, world_size: int) -> None:
+        """Checks what depends on the number of ranks."""
+        if world_size < 1:
+            raise ConfigError(f"ranks: need at least 1 rank, got {world_size}")
+        if self.split_batch and world_size % 2:
+            raise ConfigError(
+                f"split_batch: needs an even number of ranks (half per guidance branch), got {world_size}"
+            )

@@ -1,0 +1,153 @@
+"""All-gathers of activations across a patch group: fresh (blocking) or batched and asynchronous.
+
+Every patch-parallel layer shares its fresh data under a stable key and reads what every rank shared
+under that key last time. A blocking share returns the fresh values at once (warm-up steps, exact
+modes). An asynchronous share is queued; every ``batch_size`` queued tensors go out as one
+all-gather, launched as soon as the last of them exists, and a reader waits for it only right before
+it first needs the data in the next step.
+
+The first asynchronous step records which keys form which batch (the layer order is the same every
+step); from then on each batch has persistent send and receive buffers, so the addresses stay fixed
+(as CUDA graphs need) and nothing is allocated per step. Blocking shares of a recorded key write into
+the same receive buffer, so the first asynchronous step reads what the warm-up step gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class _Batch:
+    send: torch.Tensor
+    receive: torch.Tensor
+    last_key: str
+    work: dist.Work | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    batch: _Batch
+    offset: int
+    shape: torch.Size
+
+    def view(self) -> torch.Tensor:
+        numel = self.shape.numel()
+        world = self.batch.receive.shape[0]
+        return self.batch.receive[:, self.offset : self.offset + numel].view(world, *self.shape)
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    """What one rank spent on communication; reset by the caller when it wants per-step figures."""
+
+    wait_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    collectives: int = 0
+
+    def count(self, sent: torch.Tensor, world: int) -> None:
+        nbytes = sent.numel() * sent.element_size()
+        self.bytes_sent += nbytes
+        self.bytes_received += nbytes * (world - 1)
+        self.collectives += 1
+
+
+class Exchange:
+    """Shares tensors among the ranks of one patch group (``group`` None: the default group)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup | None, world: int, batch_size: int, stats: ExchangeStats | None = None
+    ) -> None:
+        self.group = group
+        self.world = world
+        self.batch_size = batch_size
+        self.stats = stats if stats is not None else ExchangeStats()
+        self._slots: dict[str, _Slot] = {}
+        self._unbatched: dict[str, torch.Tensor] = {}
+        self._recording: list[tuple[str, torch.Tensor]] = []
+        self._batches: list[_Batch] = []
+
+    def share_now(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Blocking all-gather; returns ``[world, *tensor.shape]`` and keeps it as the key's latest."""
+        gathered = tensor.new_empty((self.world, *tensor.shape))
+        started = time.perf_counter()
+        dist.all_gather_single(gathered.view(-1), tensor.reshape(-1), group=self.group)
+        self.stats.wait_seconds += time.perf_counter() - started
+        self.stats.count(tensor, self.world)
+        slot = self._slots.get(key)
+        if slot is None:
+            self._unbatched[key] = gathered
+        else:
+            slot.view().copy_(gathered)
+        return gathered
+
+    def share_later(self, key: str, tensor: torch.Tensor) -> None:
+        """Queues ``tensor`` for the asynchronous all-gather of its batch."""
+        slot = self._slots.get(key)
+        if slot is None:
+            self._record(key, tensor)
+            return
+        flat = slot.batch.send[slot.offset : slot.offset + tensor.numel()]
+        flat.copy_(tensor.reshape(-1))
+        if key == slot.batch.last_key:
+            self._launch(slot.batch)
+
+    def latest(self, key: str) -> torch.Tensor:
+        """What every rank shared under ``key`` last time, ``[world, ...]``; waits if still in flight."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return self._unbatched[key]
+        if slot.batch.work is not None:
+            self._wait(slot.batch)
+        return slot.view()
+
+    def end_step(self) -> None:
+        """Sends what the recording step queued after its last full batch."""
+        if self._recording:
+            self._close_recorded_batch()
+            self._unbatched.clear()
+
+    def drain(self) -> None:
+        """Waits for every collective in flight (before a new generation, or on shutdown)."""
+        for batch in self._batches:
+            if batch.work is not None:
+                self._wait(batch)
+        self._recording.clear()
+
+    def _record(self, key: str, tensor: torch.Tensor) -> None:
+        # A copy: the batch goes out only once full, and the layer may reuse its memory before that.
+        self._recording.append((key, tensor.detach().clone()))
+        if len(self._recording) == self.batch_size:
+            self._close_recorded_batch()
+
+    def _close_recorded_batch(self) -> None:
+        send = torch.cat([tensor.reshape(-1) for _, tensor in self._recording])
+        batch = _Batch(
+            send=send,
+            receive=send.new_empty((self.world, send.numel())),
+            last_key=self._recording[-1][0],
+        )
+        offset = 0
+        for key, tensor in self._recording:
+            self._slots[key] = _Slot(batch=batch, offset=offset, shape=tensor.shape)
+            offset += tensor.numel()
+        self._batches.append(batch)
+        self._recording.clear()
+        self._launch(batch)
+
+    def _launch(self, batch: _Batch) -> None:
+        batch.work = dist.all_gather_single(
+            batch.receive.view(-1), batch.send, group=self.group, async_op=True
+        )
+        self.stats.count(batch.send, self.world)
+
+    def _wait(self, batch: _Batch) -> None:
+        started = time.perf_counter()
+        batch.work.wait()
+        self.stats.wait_seconds += time.perf_counter() - started
+        batch.work = None

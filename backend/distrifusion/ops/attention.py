@@ -1,0 +1,114 @@
+"""Attention processor for diffusers' ``Attention`` with local queries.
+
+Self-attention: this band's queries attend to the keys/values of the whole image in single-device
+token order; this band's own keys/values are fresh, the other bands' come from the exchange (fresh
+in warm-up, else the previous step's). Cross-attention: the text keys/values are the same for every
+band and every step, so they are computed at the first step of a generation and reused.
+Everything else (scale, heads, norms, residual, output rescaling) follows the module's own settings,
+as diffusers' ``AttnProcessor2_0`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from ..config import Mode
+from ..context import PatchContext
+
+
+class PatchAttnProcessor:
+    def __init__(self, context: PatchContext, key: str):
+        self.context = context
+        self.key = key
+        self._text_key_value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if spatial_shape is not None:
+            batch, channels, height, width = spatial_shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            if attention_mask is not None and self.context.parallel:
+                raise NotImplementedError(f"{self.key}: a self-attention mask is not patch-parallel")
+            key, value = self._self_key_value(attn, hidden_states)
+        else:
+            key, value = self._cross_key_value(attn, encoder_hidden_states)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=attn.scale
+        )
+        hidden_states = (
+            hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+
+        if spatial_shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(spatial_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _cross_key_value(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.context.step > 0 and self._text_key_value is not None:
+            return self._text_key_value
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        self._text_key_value = attn.to_k(text), attn.to_v(text)
+        return self._text_key_value
+
+    def _self_key_value(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key_value = torch.cat([attn.to_k(tokens), attn.to_v(tokens)], dim=-1)
+        ctx = self.context
+        if ctx.parallel and ctx.mode is not Mode.NAIVE_PATCH:
+            key_value = ctx.exchanged(
+                self.key, self._padded(key_value), lambda gathered: self._whole_image(key_value, gathered)
+            )
+        return key_value.chunk(2, dim=-1)
+
+    def _padded(self, key_value: torch.Tensor) -> torch.Tensor:
+        # All-gathers need one shape on every rank; bands can differ in height by a row.
+        layout, level = self.context.layout, self._level(key_value)
+        max_tokens = layout.max_band_height(level) * (layout.width >> level)
+        return F.pad(key_value, (0, 0, 0, max_tokens - key_value.shape[1]))
+
+    def _whole_image(self, own: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+        # gathered: [bands, batch, max band tokens, 2 * inner dim]
+        ctx, level = self.context, self._level(own)
+        width = ctx.layout.width >> level
+        parts = [
+            own if band == ctx.band else gathered[band, :, : ctx.layout.band_height(band, level) * width]
+            for band in range(ctx.layout.num_bands)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _level(self, key_value: torch.Tensor) -> int:
+        return self.context.layout.level_of_tokens(self.context.band, key_value.shape[1])

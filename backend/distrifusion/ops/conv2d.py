@@ -1,0 +1,67 @@
+"""Convolution over one band: the rows above and below it come from the neighbouring bands."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Mode
+from ..context import PatchContext
+
+
+class PatchConv2d(nn.Module):
+    """Wraps an ``nn.Conv2d`` with kernel height > 1 (or the UNet's input convolution).
+
+    The input convolution sees the full, replicated latent and cuts its own rows plus the padding
+    rows out of it, so it needs no communication. Every other convolution sees only its band and
+    takes ``padding`` rows from each neighbour's input (fresh during warm-up, else the previous
+    step's); zero rows only at the true image border, or at every band edge in ``naive_patch``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, context: PatchContext, key: str, replicated_input: bool = False):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise NotImplementedError(f"{key}: only numeric zero padding is patch-parallel")
+        if not replicated_input and conv.padding[0] == 0:
+            raise NotImplementedError(f"{key}: a convolution taller than 1 row needs padding rows")
+        self.conv = conv
+        self.context = context
+        self.key = key
+        self.replicated_input = replicated_input
+
+    @property
+    def halo(self) -> int:
+        return self.conv.padding[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        if not ctx.parallel:
+            return self.conv(x)
+        if self.replicated_input:
+            padded = self._own_rows_of_full_input(x)
+        elif ctx.mode is Mode.NAIVE_PATCH:
+            padded = F.pad(x, (0, 0, self.halo, self.halo))
+        else:
+            edges = torch.stack([x[:, :, : self.halo], x[:, :, -self.halo :]])
+            padded = ctx.exchanged(self.key, edges, lambda gathered: self._with_neighbour_rows(x, gathered))
+        conv = self.conv
+        return F.conv2d(
+            padded, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups
+        )
+
+    def _own_rows_of_full_input(self, full: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        start, end = ctx.layout.rows(ctx.band)
+        rows = full[:, :, max(start - self.halo, 0) : end + self.halo]
+        missing_top = max(self.halo - start, 0)
+        missing_bottom = max(end + self.halo - full.shape[2], 0)
+        return F.pad(rows, (0, 0, missing_top, missing_bottom))
+
+    def _with_neighbour_rows(self, x: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+        # gathered: [bands, 2 (top rows, bottom rows), batch, channels, halo, width]
+        band, last = self.context.band, self.context.layout.num_bands - 1
+        zeros = x.new_zeros((*x.shape[:2], self.halo, x.shape[3]))
+        above = gathered[band - 1, 1] if band > 0 else zeros
+        below = gathered[band + 1, 0] if band < last else zeros
+        return torch.cat([above, x, below], dim=2)

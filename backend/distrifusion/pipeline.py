@@ -1,0 +1,144 @@
+"""A diffusers text-to-image pipeline whose UNet runs patch-parallel across the ranks of a group.
+
+Every rank calls the pipeline with the same arguments (torchrun style); text encoding and the
+scheduler run replicated, the UNet is split, and rank 0 decodes and returns the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from .config import ConfigError, DistriConfig
+from .schedulers import make_scheduler
+from .topology import Topology
+from .unet import DistriUNet
+
+MAX_INFERENCE_STEPS = 1000
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: list[Image.Image] | None
+    """PIL images, or None when ``output_type="latent"``."""
+    latents: torch.Tensor
+    """The final latents, before the VAE: ``[batch, 4, height / 8, width / 8]``."""
+    seed: int
+
+
+class DistriPipeline:
+    """Wraps a diffusers SDXL (or SD 1.x/2.x) text-to-image pipeline; see :meth:`__call__`."""
+
+    def __init__(
+        self, pipe: DiffusionPipeline, config: DistriConfig, topology: Topology | None = None
+    ) -> None:
+        self.config = config
+        self.pipe = pipe
+        self.unet = DistriUNet(pipe.unet, config, topology, pixels_per_latent=pipe.vae_scale_factor)
+        pipe.unet = self.unet
+        self.model_scheduler = pipe.scheduler
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path, config: DistriConfig, topology: Topology | None = None, **kwargs: Any
+    ) -> DistriPipeline:
+        """Loads a diffusers model directory (or a hub id where the hub is reachable).
+
+        Call after the process group is formed; on CUDA each rank uses its current device.
+        """
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=config.torch_dtype, **kwargs)
+        device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else "cpu"
+        return cls(pipe.to(device), config, topology)
+
+    @property
+    def rank(self) -> int:
+        return self.unet.topology.rank
+
+    def validate(
+        self, height: int, width: int, num_inference_steps: int, guidance_scale: float, scheduler: str | None
+    ) -> None:
+        """Raises ConfigError naming the first field this group cannot run."""
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise ConfigError(
+                f"num_inference_steps: must be an integer from 1 to {MAX_INFERENCE_STEPS}, got {num_inference_steps!r}"
+            )
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ConfigError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
+        if scheduler is not None:
+            make_scheduler(scheduler, self.model_scheduler.config)
+        scale = self.pipe.vae_scale_factor
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size <= 0 or size % scale:
+                raise ConfigError(f"{name}: must be a positive multiple of {scale} pixels, got {size!r}")
+        splits = self.config.split_batch and self.unet.topology.can_split and guidance_scale > 1
+        self.unet.layout(height // scale, width // scale, splits)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        output_type: str = "pil",
+        **diffusers_kwargs: Any,
+    ) -> GenerationResult | None:
+        """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
+
+        The arguments are diffusers'; ``seed`` replaces ``generator`` (None: a random seed, reported
+        in the result), ``scheduler`` names one of :data:`distrifusion.schedulers.SCHEDULERS`
+        (None: the model's own). Other keyword arguments go to the diffusers pipeline unchanged.
+        """
+        default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        self.validate(height, width, num_inference_steps, guidance_scale, scheduler)
+        seed = self._agreed_seed(seed)
+        self.pipe.scheduler = (
+            self.model_scheduler
+            if scheduler is None
+            else make_scheduler(scheduler, self.model_scheduler.config)
+        )
+        final: dict[str, torch.Tensor] = {}
+
+        def keep_latents(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+            final["latents"] = tensors["latents"]
+            return {}
+
+        self.unet.begin_generation(self.pipe)
+        output = self.pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type=output_type if self.rank == 0 else "latent",
+            callback_on_step_end=keep_latents,
+            **diffusers_kwargs,
+        )
+        if self.rank != 0:
+            return None
+        images = None if output_type == "latent" else output.images
+        return GenerationResult(images=images, latents=final["latents"], seed=seed)
+
+    def _agreed_seed(self, seed: int | None) -> int:
+        """The request's seed, or one drawn on rank 0 and shared, so every rank samples the same noise."""
+        if seed is not None:
+            return seed
+        drawn = [random.randrange(2**63) if self.rank == 0 else None]
+        if self.unet.topology.world > 1:
+            dist.broadcast_object_list(drawn, src=0)
+        return drawn[0]

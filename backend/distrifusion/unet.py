@@ -1,0 +1,174 @@
+"""A diffusers ``UNet2DConditionModel`` whose denoising runs as DistriFusion patch parallelism.
+
+Every rank receives the full inputs and returns the full noise prediction, so a diffusers pipeline
+(CFG, any scheduler) runs unchanged and replicated on every rank; inside, each rank computes one
+band of rows and the bands talk through the patch-parallel operators in :mod:`distrifusion.ops`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from torch import nn
+
+from .config import DistriConfig
+from .context import PatchContext
+from .exchange import Exchange, ExchangeStats
+from .geometry import BandLayout
+from .ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
+from .topology import PatchGroup, Topology
+
+_CACHED_SHAPES = 4
+
+
+class Generation(Protocol):
+    """What the UNet needs to know about the generation calling it (a diffusers pipeline has both)."""
+
+    @property
+    def do_classifier_free_guidance(self) -> bool: ...
+
+    @property
+    def num_timesteps(self) -> int: ...
+
+
+class DistriUNet(nn.Module):
+    """Wraps ``unet`` in place; call :meth:`begin_generation` before each denoising loop."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        config: DistriConfig,
+        topology: Topology | None = None,
+        pixels_per_latent: int = 8,
+    ) -> None:
+        super().__init__()
+        self.topology = topology or Topology(config.split_batch)
+        config.validate_world(self.topology.world)
+        self.unet = unet
+        self.distri_config = config
+        self.context = PatchContext(config)
+        self.stats = ExchangeStats()
+        self.levels = len(unet.config.block_out_channels)
+        self.pixels_per_latent = pixels_per_latent
+        self._generation: Generation | None = None
+        self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
+        _make_patch_parallel(unet, self.context)
+
+    def __getattr__(self, name: str) -> Any:
+        # Pipelines read the UNet's config, dtype, add_embedding, ...: answer for the wrapped model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def begin_generation(self, generation: Generation | None) -> None:
+        """Starts a new step count (warm-up, last step) and waits out any exchange still in flight."""
+        self._generation = generation
+        self.context.step = 0
+        for exchange in self._exchanges.values():
+            exchange.drain()
+
+    def layout(self, height: int, width: int, split: bool) -> BandLayout:
+        """The bands of a latent of this size; raises ConfigError when it cannot be split."""
+        size = self.topology.patch_group(split).size
+        return BandLayout.split(height, width, size, self.levels, self.pixels_per_latent)
+
+    @property
+    def splits_batch(self) -> bool:
+        generation = self._generation
+        return self.topology.can_split and generation is not None and generation.do_classifier_free_guidance
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        split = self.splits_batch
+        group = self.topology.patch_group(split)
+        full_batch = sample.shape[0]
+        if split:
+            sample, timestep, encoder_hidden_states, args, kwargs = _batch_half(
+                (sample, timestep, encoder_hidden_states, args, kwargs), group.batch_part, full_batch
+            )
+        height, width = sample.shape[-2:]
+        layout = self.layout(height, width, split)
+        ctx = self.context
+        ctx.layout, ctx.band = layout, group.band
+        ctx.exchange = self._exchange(group, (sample.shape[0], height, width, split, sample.dtype))
+        ctx.total_steps = self._generation.num_timesteps if self._generation is not None else None
+
+        band = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        if ctx.exchange is not None:
+            ctx.exchange.end_step()
+        ctx.step += 1
+
+        noise = self._gather_bands(band, layout, group)
+        return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+    def _exchange(self, group: PatchGroup, shape_key: tuple) -> Exchange | None:
+        if group.size == 1:
+            return None
+        exchange = self._exchanges.pop(shape_key, None)
+        if exchange is None:
+            exchange = Exchange(group.group, group.size, self.distri_config.comm_batch_size, self.stats)
+            if len(self._exchanges) >= _CACHED_SHAPES:
+                _, oldest = self._exchanges.popitem(last=False)
+                oldest.drain()
+        self._exchanges[shape_key] = exchange
+        return exchange
+
+    def _gather_bands(self, band: torch.Tensor, layout: BandLayout, group: PatchGroup) -> torch.Tensor:
+        """All-gathers every rank's band of the noise prediction into the full prediction."""
+        world = self.topology.world
+        if world == 1:
+            return band
+        padded = F.pad(band, (0, 0, 0, layout.max_band_height() - band.shape[2])).contiguous()
+        gathered = padded.new_empty((world, *padded.shape))
+        dist.all_gather_single(gathered.view(-1), padded.view(-1))
+        self.stats.count(padded, world)
+        bands = [gathered[rank, :, :, : layout.band_height(rank % group.size)] for rank in range(world)]
+        per_batch_part = [
+            torch.cat(bands[start : start + group.size], dim=2) for start in range(0, world, group.size)
+        ]
+        return torch.cat(per_batch_part, dim=0)
+
+
+def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> None:
+    """Swaps the operators that need other bands for their patch-parallel versions."""
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            module.set_processor(PatchAttnProcessor(context, name))
+        elif isinstance(module, nn.GroupNorm):
+            replacements.append((name, PatchGroupNorm(module, context, name)))
+        elif isinstance(module, nn.Conv2d) and (name == "conv_in" or module.kernel_size[0] > 1):
+            replacements.append(
+                (name, PatchConv2d(module, context, name, replicated_input=name == "conv_in"))
+            )
+    for name, replacement in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, replacement)
+
+
+def _batch_half(value: Any, part: int, full_batch: int) -> Any:
+    """This rank's half (0 unconditional, 1 conditional) of every batch-sized tensor in ``value``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != full_batch:
+            return value
+        half = full_batch // 2
+        return value[part * half : (part + 1) * half]
+    if isinstance(value, dict):
+        return {key: _batch_half(item, part, full_batch) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_half(item, part, full_batch) for item in value)
+    return value
