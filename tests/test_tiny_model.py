@@ -17,6 +17,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+
 from distrifusion.cli.tiny_model import main as tiny_model_main
 from distrifusion.clip_vocab import (
     VOCAB_SIZE,

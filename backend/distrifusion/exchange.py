@@ -71,6 +71,9 @@ class Exchange:
         self._unbatched: dict[str, torch.Tensor] = {}
         self._recording: list[tuple[str, torch.Tensor]] = []
         self._batches: list[_Batch] = []
+        self._recorded_this_step = False
+        self.planned = False
+        """True once a whole asynchronous step has recorded its batches (buffers fixed from then on)."""
 
     def share_now(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """Blocking all-gather; returns ``[world, *tensor.shape]`` and keeps it as the key's latest."""
@@ -110,7 +113,10 @@ class Exchange:
         """Sends what the recording step queued after its last full batch."""
         if self._recording:
             self._close_recorded_batch()
+        if self._recorded_this_step:
+            self._recorded_this_step = False
             self._unbatched.clear()
+            self.planned = True
 
     def drain(self) -> None:
         """Waits for every collective in flight (before a new generation, or on shutdown)."""
@@ -122,6 +128,7 @@ class Exchange:
     def _record(self, key: str, tensor: torch.Tensor) -> None:
         # A copy: the batch goes out only once full, and the layer may reuse its memory before that.
         self._recording.append((key, tensor.detach().clone()))
+        self._recorded_this_step = True
         if len(self._recording) == self.batch_size:
             self._close_recorded_batch()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -61,10 +62,18 @@ def _rank_main(
     try:
         init_local_rank(rank, world_size, port, device)
         result = fn(*args)
-        results.put((rank, True, result if rank == 0 else None))
+        # Plain pickle copies tensors by value; torch's queue pickler would pass shared-memory
+        # handles that die with this process.
+        results.put((rank, True, pickle.dumps(result if rank == 0 else None)))
     except Exception as error:
         error.add_note(f"raised on rank {rank} of {world_size}:\n{traceback.format_exc()}")
-        results.put((rank, False, error))
+        try:
+            payload = pickle.dumps(error)
+        except Exception:
+            payload = pickle.dumps(
+                RuntimeError(f"rank {rank} of {world_size} failed:\n{traceback.format_exc()}")
+            )
+        results.put((rank, False, payload))
         raise
     finally:
         if dist.is_initialized():
@@ -105,7 +114,7 @@ def spawn_local(
                 if any(p.exitcode not in (None, 0) for p in processes):
                     break
                 continue
-            outcomes[rank] = (ok, value)
+            outcomes[rank] = (ok, pickle.loads(value))
             if not ok:
                 break
     finally:

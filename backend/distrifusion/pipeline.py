@@ -55,7 +55,7 @@ class DistriPipeline:
 
         Call after the process group is formed; on CUDA each rank uses its current device.
         """
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=config.torch_dtype, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=config.torch_dtype, **kwargs)
         device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else "cpu"
         return cls(pipe.to(device), config, topology)
 
@@ -101,8 +101,9 @@ class DistriPipeline:
         in the result), ``scheduler`` names one of :data:`distrifusion.schedulers.SCHEDULERS`
         (None: the model's own). Other keyword arguments go to the diffusers pipeline unchanged.
         """
-        default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        height, width = height or default_size, width or default_size
+        default_size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
         self.validate(height, width, num_inference_steps, guidance_scale, scheduler)
         seed = self._agreed_seed(seed)
         self.pipe.scheduler = (

@@ -8,6 +8,7 @@ band of rows and the bands talk through the patch-parallel operators in :mod:`di
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Protocol
 
 import torch
@@ -17,8 +18,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from torch import nn
 
-from .config import DistriConfig
+from .config import DistriConfig, Mode
 from .context import PatchContext
+from .cuda_graphs import StepGraphs
 from .exchange import Exchange, ExchangeStats
 from .geometry import BandLayout
 from .ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
@@ -58,6 +60,7 @@ class DistriUNet(nn.Module):
         self.pixels_per_latent = pixels_per_latent
         self._generation: Generation | None = None
         self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
+        self._graphs = StepGraphs() if config.cuda_graphs else None
         _make_patch_parallel(unet, self.context)
 
     def __getattr__(self, name: str) -> Any:
@@ -95,25 +98,59 @@ class DistriUNet(nn.Module):
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         split = self.splits_batch
         group = self.topology.patch_group(split)
-        full_batch = sample.shape[0]
-        if split:
-            sample, timestep, encoder_hidden_states, args, kwargs = _batch_half(
-                (sample, timestep, encoder_hidden_states, args, kwargs), group.batch_part, full_batch
-            )
         height, width = sample.shape[-2:]
         layout = self.layout(height, width, split)
+        shape_key = (sample.shape[0], height, width, split, sample.dtype)
         ctx = self.context
         ctx.layout, ctx.band = layout, group.band
-        ctx.exchange = self._exchange(group, (sample.shape[0], height, width, split, sample.dtype))
+        ctx.exchange = self._exchange(group, shape_key)
         ctx.total_steps = self._generation.num_timesteps if self._generation is not None else None
 
-        band = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
-        if ctx.exchange is not None:
-            ctx.exchange.end_step()
+        step = functools.partial(self._step, group, layout)
+        inputs = (sample, timestep, encoder_hidden_states, args, kwargs)
+        if self._graphs is not None and self._graphable():
+            noise = self._graphs.run((shape_key, self._phase()), step, inputs)
+        else:
+            noise = step(*inputs)
         ctx.step += 1
-
-        noise = self._gather_bands(band, layout, group)
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+    def _step(
+        self,
+        group: PatchGroup,
+        layout: BandLayout,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        args: tuple,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """One UNet evaluation on this rank's band (and batch half); returns the full noise prediction."""
+        if group.batch_part is not None:
+            sample, timestep, encoder_hidden_states, args, kwargs = _batch_half(
+                (sample, timestep, encoder_hidden_states, args, kwargs), group.batch_part, sample.shape[0]
+            )
+        band = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        exchange = self.context.exchange
+        if exchange is not None:
+            exchange.end_step()
+            if self._graphs is not None:
+                exchange.drain()
+        return self._gather_bands(band, layout, group)
+
+    def _graphable(self) -> bool:
+        """Whether this step may run as a CUDA graph: every buffer it touches has a fixed address."""
+        ctx = self.context
+        if ctx.step == 0:  # fills the cross-attention cache (and warms up the kernels)
+            return False
+        shares_later = self.distri_config.mode not in (Mode.FULL_SYNC, Mode.NAIVE_PATCH)
+        return ctx.exchange is None or ctx.exchange.planned or not shares_later
+
+    def _phase(self) -> str:
+        ctx = self.context
+        if ctx.synchronous:
+            return "warmup"
+        return "last" if ctx.last_step else "steady"
 
     def _exchange(self, group: PatchGroup, shape_key: tuple) -> Exchange | None:
         if group.size == 1:
@@ -122,8 +159,10 @@ class DistriUNet(nn.Module):
         if exchange is None:
             exchange = Exchange(group.group, group.size, self.distri_config.comm_batch_size, self.stats)
             if len(self._exchanges) >= _CACHED_SHAPES:
-                _, oldest = self._exchanges.popitem(last=False)
+                oldest_key, oldest = self._exchanges.popitem(last=False)
                 oldest.drain()
+                if self._graphs is not None:
+                    self._graphs.forget(oldest_key)
         self._exchanges[shape_key] = exchange
         return exchange
 

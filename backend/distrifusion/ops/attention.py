@@ -82,7 +82,14 @@ class PatchAttnProcessor:
             return self._text_key_value
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
-        self._text_key_value = attn.to_k(text), attn.to_v(text)
+        key, value = attn.to_k(text), attn.to_v(text)
+        cached = self._text_key_value
+        if cached is not None and cached[0].shape == key.shape and cached[0].dtype == key.dtype:
+            # In place, so CUDA graphs captured in an earlier generation read the new text.
+            cached[0].copy_(key)
+            cached[1].copy_(value)
+        else:
+            self._text_key_value = key, value
         return self._text_key_value
 
     def _self_key_value(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""Functions that run on every rank of a spawned gloo group (importable, as spawn requires)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers import DiffusionPipeline
+
+from distrifusion.config import ConfigError, DistriConfig, Mode
+from distrifusion.context import PatchContext
+from distrifusion.exchange import Exchange
+from distrifusion.geometry import BandLayout
+from distrifusion.ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
+from distrifusion.pipeline import DistriPipeline
+
+
+def generate_cases(model_dir: str, cases: list[dict[str, Any]]) -> list[Any]:
+    """Runs each case ``{"config": DistriConfig kwargs, "call": pipeline kwargs}`` on this group.
+
+    Returns, on rank 0, per case: the final latents (or images with ``output_type="np"``), or the
+    ConfigError message when the case is rejected.
+    """
+    pipelines: dict[tuple, DistriPipeline] = {}
+    outputs = []
+    for case in cases:
+        key = tuple(sorted(case["config"].items()))
+        if key not in pipelines:
+            pipelines[key] = DistriPipeline.from_pretrained(model_dir, DistriConfig(**case["config"]))
+        call = {"output_type": "latent", **case["call"]}
+        try:
+            result = pipelines[key](**call)
+        except ConfigError as error:
+            outputs.append(str(error))
+            continue
+        if result is not None:
+            outputs.append(result.latents if call["output_type"] == "latent" else result.images)
+    return outputs
+
+
+def reference_outputs(model_dir: str, calls: list[dict[str, Any]]) -> list[Any]:
+    """The plain single-process diffusers pipeline, for the same calls (seed -> CPU generator)."""
+    from distrifusion.schedulers import make_scheduler
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    model_scheduler = pipe.scheduler
+    outputs = []
+    for call in calls:
+        call = {"output_type": "latent", **call}
+        scheduler = call.pop("scheduler", None)
+        pipe.scheduler = (
+            model_scheduler if scheduler is None else make_scheduler(scheduler, model_scheduler.config)
+        )
+        generator = torch.Generator("cpu").manual_seed(call.pop("seed"))
+        outputs.append(pipe(generator=generator, **call).images)
+    return outputs
+
+
+def patch_op_errors(seed: int) -> dict[str, float]:
+    """Each patch-parallel operator on fresh data against the full operator; max abs error per op.
+
+    Every rank checks its own band of a full computation it also does itself.
+    """
+    from diffusers.models.attention_processor import Attention
+    from torch import nn
+
+    torch.manual_seed(seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    height, width, levels = 24, 20, 3
+    layout = BandLayout.split(height, width, world, levels)
+    context = PatchContext(DistriConfig(mode=Mode.FULL_SYNC), layout=layout, band=rank)
+    context.exchange = Exchange(None, world, batch_size=8)
+    start, end = layout.rows(rank)
+
+    x = torch.randn(2, 16, height, width)
+    errors: dict[str, float] = {}
+
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    errors["conv3x3"] = _error(
+        PatchConv2d(conv, context, "conv")(x[:, :, start:end]), conv(x)[:, :, start:end]
+    )
+    errors["conv_in"] = _error(
+        PatchConv2d(conv, context, "conv_in", replicated_input=True)(x), conv(x)[:, :, start:end]
+    )
+    down = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+    half_start, half_end = layout.rows(rank, level=1)
+    errors["conv_stride2"] = _error(
+        PatchConv2d(down, context, "down")(x[:, :, start:end]), down(x)[:, :, half_start:half_end]
+    )
+
+    norm = nn.GroupNorm(4, 16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    shifted = x * 3 + 50  # a large mean: E[x^2] - E[x]^2 in fp32 would lose the variance
+    errors["group_norm"] = _error(
+        PatchGroupNorm(norm, context, "gn")(shifted[:, :, start:end]), norm(shifted)[:, :, start:end]
+    )
+    tokens = shifted.flatten(2)  # [batch, channels, tokens]: GroupNorm inside attention blocks
+    band_tokens = tokens[:, :, start * width : end * width]
+    errors["group_norm_tokens"] = _error(
+        PatchGroupNorm(norm, context, "gn_tokens")(band_tokens),
+        norm(tokens)[:, :, start * width : end * width],
+    )
+
+    attention = Attention(query_dim=16, heads=2, dim_head=8, cross_attention_dim=None)
+    sequence = x.flatten(2).transpose(1, 2)  # [batch, tokens, channels] in row-major token order
+    full = attention(sequence)
+    attention.set_processor(PatchAttnProcessor(context, "attn"))
+    band = attention(sequence[:, start * width : end * width])
+    errors["self_attention"] = _error(band, full[:, start * width : end * width])
+
+    cross = Attention(query_dim=16, heads=2, dim_head=8, cross_attention_dim=12)
+    text = torch.randn(2, 7, 12)
+    full = cross(sequence, encoder_hidden_states=text)
+    cross.set_processor(PatchAttnProcessor(context, "cross"))
+    errors["cross_attention"] = _error(
+        cross(sequence[:, start * width : end * width], encoder_hidden_states=text),
+        full[:, start * width : end * width],
+    )
+
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return dict(zip(errors, worst.tolist(), strict=True))
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return (actual - expected).abs().max().item()

@@ -1,0 +1,62 @@
+"""The command-line generator: self-started ranks, torchrun, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+GENERATE = [sys.executable, "-m", "distrifusion.cli.generate"]
+
+
+def arguments(model: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--prompt", "a lighthouse", "--negative-prompt", "fog",
+        "--seed", "5", "--height", "128", "--width", "192", "--steps", "3",
+        "--warmup-steps", "1", "--output-dir", str(output), *extra,
+    ]  # fmt: skip
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_self_started_ranks_and_torchrun_write_the_same_outputs(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    spawned = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path / "spawned", "--ranks", "2")])
+    assert spawned.returncode == 0, spawned.stderr
+    summary = json.loads(spawned.stdout)
+    assert summary["seed"] == 5
+    image = Image.open(summary["images"][0])
+    assert (image.format, image.size, image.mode) == ("PNG", (192, 128), "RGB")
+    latents = np.load(summary["latents"])
+    assert latents.shape == (1, 4, 16, 24) and np.isfinite(latents).all()
+
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "distrifusion.cli.generate",
+    ]
+    launched = run([*torchrun, *arguments(tiny_sdxl_dir, tmp_path / "torchrun")])
+    assert launched.returncode == 0, launched.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "torchrun" / "latents.npy"), latents)
+
+
+def test_invalid_configurations_exit_with_a_named_error(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    odd = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--ranks", "3", "--split-batch")])
+    assert odd.returncode == 2
+    assert "split_batch: needs an even number of ranks" in odd.stderr
+
+    too_small = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--ranks", "4", "--height", "64")])
+    assert too_small.returncode == 2
+    assert "smallest valid height for 4 bands is 128 pixels" in too_small.stderr
+    assert not (tmp_path / "latents.npy").exists()

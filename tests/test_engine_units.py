@@ -1,0 +1,152 @@
+"""Single-process tests: band layout, GroupNorm statistics, configuration and request errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distrifusion.config import ConfigError, DistriConfig, Mode
+from distrifusion.context import PatchContext
+from distrifusion.geometry import BandLayout
+from distrifusion.ops import PatchGroupNorm
+from distrifusion.ops.group_norm import corrected_moments, local_moments, merge_moments
+from distrifusion.pipeline import DistriPipeline
+
+
+def test_uneven_bands_stay_aligned_at_every_level() -> None:
+    layout = BandLayout.split(height=36, width=32, num_bands=2, levels=3)
+    assert [layout.rows(band, 2) for band in range(2)] == [(0, 5), (5, 9)]
+    assert [layout.rows(band, 0) for band in range(2)] == [(0, 20), (20, 36)]
+    assert layout.max_band_height(1) == 10
+    assert layout.level_of_width(8) == 2
+    assert layout.level_of_tokens(1, 8 * 16) == 1
+
+
+def test_three_bands_of_unequal_height() -> None:
+    layout = BandLayout.split(height=32, width=32, num_bands=3, levels=3)
+    assert [layout.band_height(band, 2) for band in range(3)] == [3, 3, 2]
+    assert layout.rows(2, 0) == (24, 32)
+
+
+def test_too_small_for_the_bands_names_the_smallest_valid_height() -> None:
+    with pytest.raises(ConfigError, match=r"height: .*smallest valid height for 4 bands is 128 pixels"):
+        BandLayout.split(height=8, width=8, num_bands=4, levels=3)
+
+
+def test_size_must_divide_by_the_downsampling() -> None:
+    with pytest.raises(ConfigError, match=r"width: must be a positive multiple of 32 pixels"):
+        BandLayout.split(height=32, width=30, num_bands=2, levels=3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "async_everything"}, r"mode: unknown mode 'async_everything'; allowed: full_sync, sync_gn"),
+        ({"warmup_steps": -1}, r"warmup_steps: must be an integer >= 0"),
+        ({"dtype": "fp8"}, r"dtype: unknown dtype 'fp8'; allowed: fp32, fp16, bf16"),
+        ({"device": "tpu"}, r"device: must be 'cpu' or 'cuda'"),
+        ({"cuda_graphs": True}, r"cuda_graphs: CUDA graphs need device='cuda'"),
+    ],
+)
+def test_invalid_configuration_is_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DistriConfig(**kwargs)
+
+
+def test_split_batch_needs_an_even_rank_count() -> None:
+    config = DistriConfig(split_batch=True)
+    config.validate_world(4)
+    with pytest.raises(ConfigError, match=r"split_batch: needs an even number of ranks .* got 3"):
+        config.validate_world(3)
+
+
+def test_merged_moments_equal_the_whole_tensor() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 13, 5) * 4 + 100
+    parts = [x[:, :, :7], x[:, :, 7:]]
+    mean, variance = merge_moments(torch.stack([local_moments(part, groups=4) for part in parts]))
+    expected_variance, expected_mean = torch.var_mean(x.double().reshape(2, 4, -1), dim=-1, correction=0)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(variance, expected_variance, rtol=1e-5, atol=0)
+
+
+def test_correction_without_change_is_the_stale_global() -> None:
+    torch.manual_seed(1)
+    stale = torch.stack([local_moments(torch.randn(1, 8, 4, 4) + band, groups=2) for band in range(3)])
+    mean, variance = corrected_moments(stale, stale[1], band=1)
+    expected_mean, expected_variance = merge_moments(stale)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(variance, expected_variance)
+
+
+class _StaleMoments:
+    """Stands in for an Exchange whose previous step left the given moments."""
+
+    def __init__(self, stale: torch.Tensor) -> None:
+        self.stale = stale
+
+    def latest(self, key: str) -> torch.Tensor:
+        return self.stale
+
+    def share_later(self, key: str, tensor: torch.Tensor) -> None:
+        pass
+
+
+def test_corrected_group_norm_never_uses_a_negative_variance() -> None:
+    torch.manual_seed(2)
+    norm = nn.GroupNorm(2, 4)
+    x = torch.randn(1, 4, 3, 6)
+    fresh = local_moments(x, 2)
+    previous_own = fresh.clone()
+    previous_own[1] -= 10  # this band's mean jumped by +10: the corrected E[x^2] - E[x]^2 goes negative
+    stale = torch.stack([previous_own, fresh])
+    _, variance = corrected_moments(stale, fresh, band=0)
+    assert (variance < 0).all()
+
+    layout = BandLayout.split(height=6, width=6, num_bands=2, levels=1)
+    context = PatchContext(DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, warmup_steps=0), layout=layout, band=0)
+    context.exchange = _StaleMoments(stale)
+    context.step = 1
+    output = PatchGroupNorm(norm, context, "gn")(x)
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output, norm(x))  # fell back to this band's own exact statistics
+
+
+@pytest.fixture(scope="module")
+def single_rank_pipeline(tiny_sdxl_dir: Path) -> DistriPipeline:
+    return DistriPipeline.from_pretrained(tiny_sdxl_dir, DistriConfig())
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"height": 260}, r"height: must be a positive multiple of 8 pixels, got 260"),
+        ({"height": 264}, r"height: must be a positive multiple of 32 pixels"),
+        ({"width": 0}, r"width: must be a positive multiple of 8 pixels, got 0"),
+        ({"num_inference_steps": 0}, r"num_inference_steps: must be an integer from 1 to 1000, got 0"),
+        ({"num_inference_steps": 5000}, r"num_inference_steps: must be an integer from 1 to 1000"),
+        ({"guidance_scale": math.nan}, r"guidance_scale: must be a finite number >= 0, got nan"),
+        ({"guidance_scale": -1.0}, r"guidance_scale: must be a finite number >= 0"),
+        ({"scheduler": "warp_drive"}, r"scheduler: unknown scheduler 'warp_drive'; allowed: ddim, euler"),
+    ],
+)
+def test_invalid_requests_are_named(
+    single_rank_pipeline: DistriPipeline, request_fields: dict, message: str
+) -> None:
+    request = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 2, **request_fields}
+    with pytest.raises(ConfigError, match=message):
+        single_rank_pipeline(**request)
+
+
+def test_one_rank_returns_images_latents_and_the_seed(single_rank_pipeline: DistriPipeline) -> None:
+    result = single_rank_pipeline(prompt="a cat", height=128, width=192, num_inference_steps=2)
+    assert result.images[0].size == (192, 128)
+    assert result.latents.shape == (1, 4, 16, 24)
+    again = single_rank_pipeline(
+        prompt="a cat", height=128, width=192, num_inference_steps=2, seed=result.seed
+    )
+    assert torch.equal(again.latents, result.latents)
