@@ -128,3 +128,20 @@ def patch_op_errors(seed: int) -> dict[str, float]:
 def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return (actual - expected).abs().max().item()
+
+
+def step_communication(model_dir: str, steps: int, warmup_steps: int) -> list[list[tuple[str, int, int]]]:
+    """(phase, collectives, bytes sent) of every UNet step, for two generations in a row."""
+    pipeline = DistriPipeline.from_pretrained(
+        model_dir, DistriConfig(mode="corrected_async_gn", warmup_steps=warmup_steps)
+    )
+    generations = []
+    for seed in (0, 1):
+        pipeline(
+            prompt="a cat", height=128, width=128, num_inference_steps=steps, seed=seed, output_type="latent"
+        )
+        records = pipeline.unet.steps
+        generations.append(
+            [(r.phase, r.communication.collectives, r.communication.bytes_sent) for r in records]
+        )
+    return generations

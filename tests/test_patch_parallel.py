@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_cases import generate_cases, patch_op_errors, reference_outputs
+from distributed_cases import generate_cases, patch_op_errors, reference_outputs, step_communication
 
 from distrifusion.launch import spawn_local
 
@@ -70,7 +70,7 @@ EXACT_CASES = {
     ],
     3: [
         ("sdxl uneven 3 bands euler_a", "sdxl", full_sync(), call(scheduler="euler_ancestral")),
-        ("sd15 uneven 3 bands", "sd15", full_sync(), call(scheduler="ddim")),
+        ("sd15 uneven 3 bands unipc", "sd15", full_sync(), call(scheduler="unipc")),
     ],
     4: [
         ("sdxl 4 bands dpmpp_2m", "sdxl", full_sync(), call(scheduler="dpmpp_2m")),
@@ -95,20 +95,34 @@ DDIM_CASES = {
 }
 
 
+IMAGE_CALL = call(steps=10, output_type="np")
+
+
 def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
-    """Async modes at the smallest size for ``world`` bands and at a large one, plus the PSNR pair."""
+    """Async modes at the smallest size for ``world`` bands and at a large one, images for PSNR and
+    determinism, and reduced precision."""
     smallest = 32 * world  # one row per band at the deepest level of the tiny SDXL UNet
     cases = []
     for mode in ASYNC_MODES:
         config = {"mode": mode, "warmup_steps": 1}
         cases.append((f"{mode} small", "sdxl", config, call(height=smallest, width=64, steps=5)))
         cases.append((f"{mode} large", "sdxl", config, call(height=768, width=768, steps=4)))
-    images = call(steps=10, output_type="np")
-    for mode in ("corrected_async_gn", "naive_patch"):
-        cases.append((f"{mode} image", "sdxl", {"mode": mode, "warmup_steps": 2}, images))
-    cases.append(
-        ("corrected_async_gn image again", "sdxl", {"mode": "corrected_async_gn", "warmup_steps": 2}, images)
-    )
+    corrected = {"mode": "corrected_async_gn", "warmup_steps": 2}
+    cases += [
+        ("corrected_async_gn image", "sdxl", corrected, IMAGE_CALL),
+        ("naive_patch image", "sdxl", {"mode": "naive_patch"}, IMAGE_CALL),
+        ("corrected_async_gn image again", "sdxl", corrected, IMAGE_CALL),
+        (
+            "corrected_async_gn image, 1 tensor per all-gather",
+            "sdxl",
+            {**corrected, "comm_batch_size": 1},
+            IMAGE_CALL,
+        ),
+    ]
+    for dtype in ("fp16", "bf16"):
+        cases.append(
+            (f"{dtype} corrected_async_gn", "sdxl", {"mode": "corrected_async_gn", "dtype": dtype}, call())
+        )
     return cases
 
 
@@ -136,7 +150,7 @@ def references(model_dirs: dict[str, Path]) -> dict[str, torch.Tensor | np.ndarr
     for cases in EXACT_CASES.values():
         for _, model, _, request in cases:
             wanted[model].append(request)
-    wanted["sdxl"].append(approximate_cases(2)[-1][3])
+    wanted["sdxl"].append(IMAGE_CALL)
     wanted["sdxl"].append(DDIM_CASES[2][0][3])
     torch.set_num_threads(1)
     outputs = {}
@@ -205,17 +219,29 @@ def test_same_seed_twice_is_bit_identical_whatever_the_batching(world_outputs) -
         pytest.skip("checked on 2 and 4 ranks")
     first = outputs["corrected_async_gn image"]
     assert np.array_equal(first, outputs["corrected_async_gn image again"])
-    assert np.array_equal(first, outputs["corrected_async_gn image, one tensor per all-gather"])
+    assert np.array_equal(first, outputs["corrected_async_gn image, 1 tensor per all-gather"])
 
 
 def test_corrected_async_gn_is_closer_than_naive_patch(world_outputs, references) -> None:
     world, outputs = world_outputs
     if world == 3:
         pytest.skip("checked on 2 and 4 ranks")
-    expected = references[repr(("sdxl", approximate_cases(2)[-1][3]))]
+    expected = references[repr(("sdxl", IMAGE_CALL))]
     corrected = psnr(outputs["corrected_async_gn image"], expected)
     naive = psnr(outputs["naive_patch image"], expected)
     assert corrected > naive + 3, f"{world} ranks: corrected {corrected:.1f} dB vs naive {naive:.1f} dB"
+
+
+def test_fp16_and_bf16_run_close_to_fp32(world_outputs, references) -> None:
+    world, outputs = world_outputs
+    if world == 3:
+        pytest.skip("checked on 2 and 4 ranks")
+    expected = references[repr(("sdxl", call()))]
+    for dtype, tolerance in (("fp16", 0.02), ("bf16", 0.05)):
+        latents = outputs[f"{dtype} corrected_async_gn"]
+        assert latents.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        error = relative_error(latents, expected)
+        assert error < tolerance, f"{world} ranks, {dtype}: relative error {error:.2e} against fp32"
 
 
 def test_each_patch_operator_on_fresh_data_equals_the_full_operator() -> None:
@@ -223,3 +249,18 @@ def test_each_patch_operator_on_fresh_data_equals_the_full_operator() -> None:
         errors = spawn_local(patch_op_errors, world, (0,), threads_per_rank=1)
         for op, error in errors.items():
             assert error < 1e-5, f"{world} ranks, {op}: max abs error {error:.2e}"
+
+
+def test_async_steps_batch_their_all_gathers_and_the_last_step_sends_nothing(tiny_sdxl_dir: Path) -> None:
+    generations = spawn_local(step_communication, 2, (str(tiny_sdxl_dir), 5, 1), threads_per_rank=1)
+    for records in generations:  # the first generation records the batches, the second reuses them
+        assert [phase for phase, _, _ in records] == ["warmup", "warmup", "steady", "steady", "last"]
+        (_, warmup_collectives, warmup_bytes), _, *steady, (_, last_collectives, last_bytes) = records
+        output_gather_bytes = last_bytes
+        assert last_collectives == 1, "the last step should only gather the noise prediction"
+        for _, collectives, sent in steady:
+            # one blocking all-gather per tensor in warm-up; a few batched ones afterwards
+            assert 1 < collectives <= 1 + math.ceil((warmup_collectives - 1) / 60)
+            padding = sent - warmup_bytes
+            assert 0 <= padding <= 16 * (warmup_collectives - 1), (sent, warmup_bytes)
+        assert warmup_bytes > output_gather_bytes

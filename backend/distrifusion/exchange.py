@@ -10,6 +10,8 @@ The first asynchronous step records which keys form which batch (the layer order
 step); from then on each batch has persistent send and receive buffers, so the addresses stay fixed
 (as CUDA graphs need) and nothing is allocated per step. Blocking shares of a recorded key write into
 the same receive buffer, so the first asynchronous step reads what the warm-up step gathered.
+Batches are raw bytes, so tensors of different dtypes (fp16 activations, fp32 statistics) share one
+all-gather.
 """
 
 from __future__ import annotations
@@ -29,16 +31,28 @@ class _Batch:
     work: dist.Work | None = None
 
 
+_ALIGNMENT = 16  # bytes; every slot starts aligned for any dtype's typed view
+
+
 @dataclasses.dataclass(frozen=True)
 class _Slot:
     batch: _Batch
     offset: int
     shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
 
     def view(self) -> torch.Tensor:
-        numel = self.shape.numel()
+        """``[world, *shape]``: every rank's entry in the receive buffer."""
         world = self.batch.receive.shape[0]
-        return self.batch.receive[:, self.offset : self.offset + numel].view(world, *self.shape)
+        raw = self.batch.receive[:, self.offset : self.offset + self.nbytes]
+        return raw.view(self.dtype).view(world, *self.shape)
+
+    def send_view(self) -> torch.Tensor:
+        return self.batch.send[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
 
 @dataclasses.dataclass
@@ -49,6 +63,18 @@ class ExchangeStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     collectives: int = 0
+
+    def snapshot(self) -> ExchangeStats:
+        return dataclasses.replace(self)
+
+    def since(self, earlier: ExchangeStats) -> ExchangeStats:
+        """What was spent after ``earlier`` (a snapshot of these stats)."""
+        return ExchangeStats(
+            *(
+                now - then
+                for now, then in zip(dataclasses.astuple(self), dataclasses.astuple(earlier), strict=True)
+            )
+        )
 
     def count(self, sent: torch.Tensor, world: int) -> None:
         nbytes = sent.numel() * sent.element_size()
@@ -95,8 +121,7 @@ class Exchange:
         if slot is None:
             self._record(key, tensor)
             return
-        flat = slot.batch.send[slot.offset : slot.offset + tensor.numel()]
-        flat.copy_(tensor.reshape(-1))
+        slot.send_view().copy_(tensor)
         if key == slot.batch.last_key:
             self._launch(slot.batch)
 
@@ -133,16 +158,17 @@ class Exchange:
             self._close_recorded_batch()
 
     def _close_recorded_batch(self) -> None:
-        send = torch.cat([tensor.reshape(-1) for _, tensor in self._recording])
-        batch = _Batch(
-            send=send,
-            receive=send.new_empty((self.world, send.numel())),
-            last_key=self._recording[-1][0],
-        )
-        offset = 0
-        for key, tensor in self._recording:
-            self._slots[key] = _Slot(batch=batch, offset=offset, shape=tensor.shape)
-            offset += tensor.numel()
+        offsets, size = [], 0
+        for _, tensor in self._recording:
+            offsets.append(size)
+            size += -(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT
+        device = self._recording[0][1].device
+        send = torch.zeros(size, dtype=torch.uint8, device=device)
+        batch = _Batch(send=send, receive=send.new_empty((self.world, size)), last_key=self._recording[-1][0])
+        for (key, tensor), offset in zip(self._recording, offsets, strict=True):
+            slot = _Slot(batch=batch, offset=offset, shape=tensor.shape, dtype=tensor.dtype)
+            slot.send_view().copy_(tensor)
+            self._slots[key] = slot
         self._batches.append(batch)
         self._recording.clear()
         self._launch(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import queue
@@ -38,12 +39,26 @@ def init_from_environment(device: str) -> None:
     dist.init_process_group(default_backend(device))
 
 
-def init_local_rank(rank: int, world_size: int, port: int, device: str) -> None:
-    """Joins a group of ``world_size`` processes on this machine, rendezvous on 127.0.0.1:``port``."""
+def init_local_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    device: str,
+    cuda_index: int | None = None,
+    timeout: datetime.timedelta | None = None,
+) -> None:
+    """Joins a group of ``world_size`` processes on this machine, rendezvous on 127.0.0.1:``port``.
+
+    On CUDA the rank uses GPU ``cuda_index`` (default: its rank).
+    """
     if device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank if cuda_index is None else cuda_index)
     dist.init_process_group(
-        default_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        default_backend(device),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,16 @@ class GenerationResult:
     """PIL images, or None when ``output_type="latent"``."""
     latents: torch.Tensor
     """The final latents, before the VAE: ``[batch, 4, height / 8, width / 8]``."""
-    seed: int
+    seed: int | list[int]
+    interrupted: bool = False
+    """``should_stop`` ended the denoising early: the latents are not finished."""
+
+
+def _generators(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
+    # CPU generators: the same noise on every rank and on every device type.
+    if isinstance(seed, list):
+        return [torch.Generator("cpu").manual_seed(each) for each in seed]
+    return torch.Generator("cpu").manual_seed(seed)
 
 
 class DistriPipeline:
@@ -90,16 +100,19 @@ class DistriPipeline:
         width: int | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 5.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         scheduler: str | None = None,
         output_type: str = "pil",
+        should_stop: Callable[[], bool] | None = None,
         **diffusers_kwargs: Any,
     ) -> GenerationResult | None:
         """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
 
         The arguments are diffusers'; ``seed`` replaces ``generator`` (None: a random seed, reported
-        in the result), ``scheduler`` names one of :data:`distrifusion.schedulers.SCHEDULERS`
-        (None: the model's own). Other keyword arguments go to the diffusers pipeline unchanged.
+        in the result; a list: one seed per image), ``scheduler`` names one of
+        :data:`distrifusion.schedulers.SCHEDULERS` (None: the model's own). ``should_stop`` is asked
+        on rank 0 after every step (e.g. "was the request cancelled?"); all ranks then skip the
+        remaining steps together. Other keyword arguments go to the diffusers pipeline unchanged.
         """
         default_size = self.unet.config.sample_size * self.pipe.vae_scale_factor
         height = default_size if height is None else height
@@ -113,8 +126,10 @@ class DistriPipeline:
         )
         final: dict[str, torch.Tensor] = {}
 
-        def keep_latents(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+        def after_step(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
             final["latents"] = tensors["latents"]
+            if should_stop is not None and self._agreed_stop(should_stop):
+                pipe._interrupt = True  # diffusers then skips the remaining steps
             return {}
 
         self.unet.begin_generation(self.pipe)
@@ -125,17 +140,24 @@ class DistriPipeline:
             width=width,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            generator=_generators(seed),
             output_type=output_type if self.rank == 0 else "latent",
-            callback_on_step_end=keep_latents,
+            callback_on_step_end=after_step,
             **diffusers_kwargs,
         )
         if self.rank != 0:
             return None
         images = None if output_type == "latent" else output.images
-        return GenerationResult(images=images, latents=final["latents"], seed=seed)
+        interrupted = self.pipe.interrupt
+        return GenerationResult(images=images, latents=final["latents"], seed=seed, interrupted=interrupted)
 
-    def _agreed_seed(self, seed: int | None) -> int:
+    def _agreed_stop(self, should_stop: Callable[[], bool]) -> bool:
+        flag = torch.tensor([self.rank == 0 and should_stop()], dtype=torch.uint8, device=self.unet.device)
+        if self.unet.topology.world > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _agreed_seed(self, seed: int | list[int] | None) -> int | list[int]:
         """The request's seed, or one drawn on rank 0 and shared, so every rank samples the same noise."""
         if seed is not None:
             return seed

@@ -8,7 +8,9 @@ band of rows and the bands talk through the patch-parallel operators in :mod:`di
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import time
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +41,18 @@ class Generation(Protocol):
     def num_timesteps(self) -> int: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One UNet evaluation of the current generation, as this rank saw it."""
+
+    step: int
+    phase: str
+    """"warmup" (synchronous exchanges), "steady" (asynchronous) or "last" (asynchronous, nothing sent)."""
+    seconds: float
+    """Host wall time; on CUDA it ends when the work is queued, not done."""
+    communication: ExchangeStats
+
+
 class DistriUNet(nn.Module):
     """Wraps ``unet`` in place; call :meth:`begin_generation` before each denoising loop."""
 
@@ -59,6 +73,8 @@ class DistriUNet(nn.Module):
         self.levels = len(unet.config.block_out_channels)
         self.pixels_per_latent = pixels_per_latent
         self._generation: Generation | None = None
+        self.steps: list[StepRecord] = []
+        """The UNet evaluations of the current generation."""
         self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
         self._graphs = StepGraphs() if config.cuda_graphs else None
         _make_patch_parallel(unet, self.context)
@@ -74,6 +90,7 @@ class DistriUNet(nn.Module):
         """Starts a new step count (warm-up, last step) and waits out any exchange still in flight."""
         self._generation = generation
         self.context.step = 0
+        self.steps = []
         for exchange in self._exchanges.values():
             exchange.drain()
 
@@ -108,10 +125,13 @@ class DistriUNet(nn.Module):
 
         step = functools.partial(self._step, group, layout)
         inputs = (sample, timestep, encoder_hidden_states, args, kwargs)
+        phase, started, stats_before = self._phase(), time.perf_counter(), self.stats.snapshot()
         if self._graphs is not None and self._graphable():
-            noise = self._graphs.run((shape_key, self._phase()), step, inputs)
+            noise = self._graphs.run((shape_key, phase), step, inputs)
         else:
             noise = step(*inputs)
+        seconds = time.perf_counter() - started
+        self.steps.append(StepRecord(ctx.step, phase, seconds, self.stats.since(stats_before)))
         ctx.step += 1
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
 
@@ -173,7 +193,9 @@ class DistriUNet(nn.Module):
             return band
         padded = F.pad(band, (0, 0, 0, layout.max_band_height() - band.shape[2])).contiguous()
         gathered = padded.new_empty((world, *padded.shape))
+        started = time.perf_counter()
         dist.all_gather_single(gathered.view(-1), padded.view(-1))
+        self.stats.wait_seconds += time.perf_counter() - started
         self.stats.count(padded, world)
         bands = [gathered[rank, :, :, : layout.band_height(rank % group.size)] for rank in range(world)]
         per_batch_part = [

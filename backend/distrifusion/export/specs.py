@@ -1,0 +1,81 @@
+"""Tensor contract of the exported stages: names, data types and per-request dims.
+
+Dims exclude the batch dimension (every stage is batched on dim 0); -1 is dynamic. The model
+repository generator writes its Triton configs from these, so the ONNX graphs, the TensorRT
+engines and the configs cannot disagree on a name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
+VAE_DECODER = "vae_decoder"
+ONNX_STAGES = (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    """numpy name: ``int32``, ``int64``, ``float32``, ``uint8``, ``bool`` or ``bytes`` (Triton BYTES)."""
+    dims: tuple[int, ...]
+    """Per request, without the batch dimension; -1 is dynamic."""
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def tensor(self, name: str) -> TensorSpec:
+        for spec in (*self.inputs, *self.outputs):
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+
+def text_encoder_spec(max_length: int, hidden_size: int) -> StageSpec:
+    """``text_encoder``: ids -> penultimate hidden states (CLIP ViT-L: 768)."""
+    return StageSpec(
+        TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", "int32", (max_length,)),),
+        outputs=(TensorSpec("hidden_states", "float32", (max_length, hidden_size)),),
+    )
+
+
+def text_encoder_2_spec(max_length: int, hidden_size: int, projection_dim: int) -> StageSpec:
+    """``text_encoder_2``: ids -> penultimate hidden states (OpenCLIP bigG: 1280) and pooled projection."""
+    return StageSpec(
+        TEXT_ENCODER_2,
+        inputs=(TensorSpec("input_ids", "int32", (max_length,)),),
+        outputs=(
+            TensorSpec("hidden_states", "float32", (max_length, hidden_size)),
+            TensorSpec("text_embeds", "float32", (projection_dim,)),
+        ),
+    )
+
+
+def vae_decoder_spec(latent_channels: int) -> StageSpec:
+    """``vae_decoder``: raw final latents ``[C, h, w]`` -> uint8 image ``[8h, 8w, 3]`` (NHWC)."""
+    return StageSpec(
+        VAE_DECODER,
+        inputs=(TensorSpec("latents", "float32", (latent_channels, -1, -1)),),
+        outputs=(TensorSpec("image", "uint8", (-1, -1, 3)),),
+    )

@@ -1,0 +1,1 @@
+"""Serving-side engine pieces (no Triton imports): the UNet group, tokenization."""

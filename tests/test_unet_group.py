@@ -1,0 +1,121 @@
+"""The server-side UNet group: rank 0 in this process, workers spawned, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from distrifusion.config import ConfigError, DistriConfig
+from distrifusion.serving.unet_group import DenoiseRequest, UNetGroup
+
+PROMPT, NEGATIVE = "a lighthouse at dawn", "fog"
+
+
+def encoded_request(model_dir: Path, **fields) -> DenoiseRequest:
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPT, negative_prompt=NEGATIVE)
+    request = {"seeds": [11], "height": 128, "width": 128, "num_inference_steps": 5, "guidance_scale": 5.0}
+    return DenoiseRequest(embeds, pooled, negative, negative_pooled, **{**request, **fields})
+
+
+@pytest.fixture(scope="module")
+def group(tiny_sdxl_dir: Path):
+    unet_group = UNetGroup(str(tiny_sdxl_dir), DistriConfig(mode="full_sync"), ranks=2, threads_per_rank=1)
+    yield unet_group
+    unet_group.close()
+
+
+def test_group_matches_the_single_process_pipeline(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
+    result = group.denoise(encoded_request(tiny_sdxl_dir))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPT, negative_prompt=NEGATIVE, height=128, width=128, num_inference_steps=5,
+        generator=torch.Generator().manual_seed(11), output_type="latent",
+    ).images  # fmt: skip
+    assert result.seeds == [11] and not result.interrupted
+    error = ((result.latents - expected).norm() / expected.norm()).item()
+    assert error <= 1e-5, error
+
+
+def test_a_missing_seed_is_drawn_and_reported(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
+    result = group.denoise(encoded_request(tiny_sdxl_dir, seeds=[None], num_inference_steps=2))
+    again = group.denoise(encoded_request(tiny_sdxl_dir, seeds=result.seeds, num_inference_steps=2))
+    assert isinstance(result.seeds[0], int)
+    assert torch.equal(result.latents, again.latents)
+
+
+def test_stopping_between_steps_frees_the_group_for_the_next_request(
+    group: UNetGroup, tiny_sdxl_dir: Path
+) -> None:
+    asked = []
+
+    def cancelled_after_two_steps() -> bool:
+        asked.append(True)
+        return len(asked) >= 2
+
+    stopped = group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=20), cancelled_after_two_steps)
+    assert stopped.interrupted
+    assert len(asked) == 2, "should_stop is asked after every step until it says stop"
+    assert len(group.pipeline.unet.steps) == 2, "no UNet step may run after the stop"
+    assert not group.denoise(encoded_request(tiny_sdxl_dir)).interrupted
+
+
+def test_invalid_request_is_named_and_the_group_keeps_serving(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="height: must be a positive multiple of 32 pixels"):
+        group.denoise(encoded_request(tiny_sdxl_dir, height=136))
+    assert group.live_ranks == 2
+    assert not group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=1)).interrupted
+
+
+def _child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
+def _wait_until_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
+
+
+def test_workers_exit_when_their_parent_is_killed(tiny_sdxl_dir: Path) -> None:
+    script = textwrap.dedent(f"""
+        import time
+        from distrifusion.config import DistriConfig
+        from distrifusion.serving.unet_group import UNetGroup
+        group = UNetGroup({str(tiny_sdxl_dir)!r}, DistriConfig(), ranks=3, threads_per_rank=1)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        children = _child_pids(parent.pid)  # the two worker ranks (and multiprocessing's helpers)
+        assert len(children) >= 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert _wait_until_gone(children, seconds=15) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
