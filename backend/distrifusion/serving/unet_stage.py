@@ -1,0 +1,277 @@
+"""The UNet stage of the served ensemble, without Triton: numpy in, numpy out.
+
+Takes the text encoders' outputs of several requests, checks every field, runs the requests that
+share a size, step count, guidance and scheduler as one batch on the patch-parallel group, and
+returns per request its latents and seeds, or the error to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, DistriConfig
+from .unet_group import DenoiseRequest, UNetGroup
+
+ENCODER_INPUTS = (
+    "hidden_states_1",
+    "hidden_states_2",
+    "text_embeds",
+    "negative_hidden_states_1",
+    "negative_hidden_states_2",
+    "negative_text_embeds",
+)
+INPUTS = (
+    *ENCODER_INPUTS,
+    "negative_given",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "scheduler",
+)
+DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 30, "guidance_scale": 5.0}
+
+
+class Cancelled(Exception):
+    """Every request of a batch was cancelled; the remaining steps were skipped."""
+
+
+@dataclasses.dataclass
+class StageRequest:
+    """One Triton request: ``rows`` prompts with their encodings and the shared settings."""
+
+    encodings: dict[str, np.ndarray]
+    negative_given: np.ndarray
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: list[int | None]
+    scheduler: str | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def batch_key(self) -> tuple:
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.scheduler)
+
+
+@dataclasses.dataclass
+class StageResult:
+    latents: np.ndarray
+    """``[rows, 4, height / 8, width / 8]`` float32: the final latents, for the VAE decoder."""
+    seeds: np.ndarray
+    """``[rows, 1]`` int64."""
+
+
+def _shared_scalar(inputs: Mapping[str, np.ndarray | None], name: str, rows: int, kind: type) -> Any:
+    value = inputs.get(name)
+    if value is None:
+        return DEFAULTS.get(name)
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != rows:
+        raise ConfigError(f"{name}: expected one value per prompt ({rows}), got {flat.size}")
+    if np.any(flat != flat[0]):
+        raise ConfigError(f"{name}: every prompt of one request must use the same value, got {flat.tolist()}")
+    return kind(flat[0])
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}: must be UTF-8 text") from None
+    return str(value)
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], max_height: int, max_width: int) -> StageRequest:
+    """Checks one request's tensors; raises ConfigError naming the first bad field."""
+    for name in (*ENCODER_INPUTS, "negative_given"):
+        if inputs.get(name) is None:
+            raise ConfigError(f"{name}: required input is missing")
+    encodings = {name: np.asarray(inputs[name], dtype=np.float32) for name in ENCODER_INPUTS}
+    rows = encodings["hidden_states_1"].shape[0]
+    for name, array in encodings.items():
+        if array.shape[0] != rows or not np.isfinite(array).all():
+            raise ConfigError(f"{name}: expected {rows} rows of finite values, got shape {array.shape}")
+    height = _shared_scalar(inputs, "height", rows, int)
+    width = _shared_scalar(inputs, "width", rows, int)
+    for name, size, limit in (("height", height, max_height), ("width", width, max_width)):
+        if size > limit:
+            raise ConfigError(f"{name}: at most {limit} pixels in this deployment, got {size}")
+    guidance = _shared_scalar(inputs, "guidance_scale", rows, float)
+    scheduler = inputs.get("scheduler")
+    scheduler_name = None
+    if scheduler is not None:
+        scheduler_name = _text(_shared_scalar(inputs, "scheduler", rows, lambda value: value), "scheduler")
+    seeds: list[int | None] = [None] * rows
+    if inputs.get("seed") is not None:
+        seed_values = np.asarray(inputs["seed"]).reshape(-1)
+        if seed_values.size != rows or np.any(seed_values < 0):
+            raise ConfigError(f"seed: expected one seed >= 0 per prompt ({rows}), got {seed_values.tolist()}")
+        seeds = [int(seed) for seed in seed_values]
+    return StageRequest(
+        encodings=encodings,
+        negative_given=np.asarray(inputs["negative_given"], dtype=bool).reshape(rows),
+        height=height,
+        width=width,
+        num_inference_steps=_shared_scalar(inputs, "num_inference_steps", rows, int),
+        guidance_scale=guidance,
+        seeds=seeds,
+        scheduler=scheduler_name,
+    )
+
+
+def denoise_request(requests: list[StageRequest], force_zeros_for_empty_prompt: bool) -> DenoiseRequest:
+    """One batch of the requests (which share a batch key), in diffusers' SDXL tensor layout."""
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([request.encodings[name] for request in requests]))
+
+    negative_given = torch.from_numpy(np.concatenate([request.negative_given for request in requests]))
+    negative_embeds = torch.cat(
+        [stacked("negative_hidden_states_1"), stacked("negative_hidden_states_2")], dim=-1
+    )
+    negative_pooled = stacked("negative_text_embeds")
+    if force_zeros_for_empty_prompt:
+        # diffusers' SDXL: no negative prompt means zero embeddings, not the encoded empty string.
+        negative_embeds = negative_embeds * negative_given[:, None, None]
+        negative_pooled = negative_pooled * negative_given[:, None]
+    first = requests[0]
+    return DenoiseRequest(
+        prompt_embeds=torch.cat([stacked("hidden_states_1"), stacked("hidden_states_2")], dim=-1),
+        pooled_prompt_embeds=stacked("text_embeds"),
+        negative_prompt_embeds=negative_embeds,
+        negative_pooled_prompt_embeds=negative_pooled,
+        seeds=[seed for request in requests for seed in request.seeds],
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.num_inference_steps,
+        guidance_scale=first.guidance_scale,
+        scheduler=first.scheduler,
+    )
+
+
+def instance_ranks(parameters: Mapping[str, str], instance_name: str) -> tuple[int, list[int] | None]:
+    """(ranks, GPU list) of this instance from the ``gpus`` ("0,1;2,3") or ``ranks`` parameter."""
+    gpus = parameters.get("gpus", "").strip()
+    if not gpus:
+        ranks = parameters.get("ranks", "2")
+        if not ranks.isdigit() or int(ranks) < 1:
+            raise ConfigError(f"ranks: must be a positive integer, got {ranks!r}")
+        return int(ranks), None
+    groups = [group.strip() for group in gpus.split(";")]
+    parsed: list[list[int]] = []
+    for group in groups:
+        if not re.fullmatch(r"\d+(,\d+)*", group):
+            raise ConfigError(
+                f"gpus: expected comma-separated GPU indices per group, ';' between groups, got {gpus!r}"
+            )
+        parsed.append([int(index) for index in group.split(",")])
+    every = [index for group in parsed for index in group]
+    if len(set(every)) != len(every):
+        raise ConfigError(f"gpus: a GPU appears in more than one place in {gpus!r}")
+    available = torch.cuda.device_count()
+    if any(index >= available for index in every):
+        raise ConfigError(f"gpus: {gpus!r} names a GPU this machine lacks (it has {available})")
+    match = re.search(r"_(\d+)$", instance_name)
+    instance = int(match.group(1)) if match else 0
+    if instance >= len(parsed):
+        raise ConfigError(f"gpus: {len(parsed)} group(s) in {gpus!r}, but this is instance {instance}")
+    return len(parsed[instance]), parsed[instance]
+
+
+class UNetStage:
+    """The patch-parallel group of one model instance plus request handling."""
+
+    def __init__(self, group: UNetGroup, force_zeros_for_empty_prompt: bool, max_height: int, max_width: int):
+        self.group = group
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.max_height = max_height
+        self.max_width = max_width
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, str], version_directory: str, instance_name: str
+    ) -> UNetStage:
+        """Builds the stage from the model config's parameters (all strings, as Triton gives them)."""
+        ranks, gpus = instance_ranks(parameters, instance_name)
+        config = DistriConfig(
+            mode=parameters.get("mode", "corrected_async_gn"),
+            warmup_steps=int(parameters.get("warmup_steps", "4")),
+            split_batch=parameters.get("split_batch", "false").lower() == "true",
+            dtype=parameters.get("dtype", "fp16" if gpus else "fp32"),
+            device="cuda" if gpus else "cpu",
+            cuda_graphs=parameters.get("cuda_graphs", "false").lower() == "true",
+        )
+        model_directory = os.path.join(version_directory, parameters.get("model_directory", "model"))
+        threads = parameters.get("threads_per_rank")
+        group = UNetGroup(model_directory, config, ranks, gpus, int(threads) if threads else None)
+        force_zeros = bool(group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True))
+        return cls(
+            group,
+            force_zeros,
+            int(parameters.get("max_height", "4096")),
+            int(parameters.get("max_width", "4096")),
+        )
+
+    def run(
+        self, inputs: list[Mapping[str, np.ndarray | None]], cancelled: list[Callable[[], bool]]
+    ) -> list[StageResult | Exception]:
+        """Per request, its result or the exception to report (ConfigError: the client's fault)."""
+        outcomes: dict[int, StageResult | Exception] = {}
+        batches: dict[tuple, list[tuple[int, StageRequest]]] = {}
+        for index, request_inputs in enumerate(inputs):
+            try:
+                request = parse_request(request_inputs, self.max_height, self.max_width)
+                self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
+            except ConfigError as error:
+                outcomes[index] = error
+                continue
+            batches.setdefault(request.batch_key, []).append((index, request))
+        for members in batches.values():
+            indices = [index for index, _ in members]
+            try:
+                results = self._run_batch(
+                    [request for _, request in members], [cancelled[i] for i in indices]
+                )
+            except Exception as error:  # reported per request; the server keeps serving
+                results = [error] * len(members)
+            outcomes.update(zip(indices, results, strict=True))
+        return [outcomes[index] for index in range(len(inputs))]
+
+    def _run_batch(
+        self, requests: list[StageRequest], cancelled: list[Callable[[], bool]]
+    ) -> list[StageResult | Exception]:
+        result = self.group.denoise(
+            denoise_request(requests, self.force_zeros_for_empty_prompt),
+            should_stop=lambda: all(is_cancelled() for is_cancelled in cancelled),
+        )
+        if result.interrupted:
+            return [Cancelled("request cancelled")] * len(requests)
+        outputs: list[StageResult | Exception] = []
+        start = 0
+        for request in requests:
+            end = start + request.rows
+            seeds = np.asarray(result.seeds[start:end], dtype=np.int64).reshape(-1, 1)
+            outputs.append(StageResult(latents=result.latents[start:end].numpy().copy(), seeds=seeds))
+            start = end
+        return outputs
+
+    @property
+    def ready(self) -> bool:
+        return self.group.live_ranks == self.group.ranks
+
+    def close(self) -> None:
+        self.group.close()

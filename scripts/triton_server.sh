@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Starts the real tritonserver bundled in the nvidia-pytriton wheel (CPU machines; the production
+# image has its own) on a model repository, in the foreground:
+#   scripts/triton_server.sh [MODEL_REPOSITORY] [extra tritonserver flags...]
+# Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with --http-port=... etc.).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+repository=${1:-build/model_repository_cpu}
+shift || true
+venv=$(pwd)/.venv
+site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+python_libdir=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
+python_version=$("$venv/bin/python" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+
+# The wheel's server tree is read-only data: run a writable copy with this Python's backend stub.
+server=.cache/tritonserver
+if [ ! -x "$server/bin/tritonserver" ] || [ "$site/pytriton/tritonserver/bin/tritonserver" -nt "$server/bin/tritonserver" ]; then
+  rm -rf "$server"
+  mkdir -p "$(dirname "$server")"
+  cp -r "$site/pytriton/tritonserver" "$server"
+  cp "$site/pytriton/tritonserver/python_backend_stubs/$python_version/triton_python_backend_stub" \
+    "$server/backends/python/"
+fi
+
+# The stub embeds the first python3 on PATH (ours, with torch and this project) and must load the
+# libpython of the same build.
+export PATH="$venv/bin:$PATH"
+export LD_LIBRARY_PATH="$python_libdir:$site/nvidia_pytriton.libs:${LD_LIBRARY_PATH:-}"
+export HF_HUB_OFFLINE=1
+exec "$server/bin/tritonserver" \
+  --model-repository="$(realpath "$repository")" \
+  --backend-directory="$(realpath "$server/backends")" \
+  --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
+  --allow-metrics=true \
+  --exit-timeout-secs=60 \
+  "$@"
