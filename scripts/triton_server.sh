@@ -2,7 +2,7 @@
 # Starts the real tritonserver bundled in the nvidia-pytriton wheel (CPU machines; the production
 # image has its own) on a model repository, in the foreground:
 #   scripts/triton_server.sh [MODEL_REPOSITORY] [extra tritonserver flags...]
-# Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with --http-port=... etc.).
+# Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with HTTP_PORT, GRPC_PORT, METRICS_PORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -32,7 +32,7 @@ export HF_HUB_OFFLINE=1
 exec "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
   --backend-directory="$(realpath "$server/backends")" \
-  --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
+  --http-port="${HTTP_PORT:-8000}" --grpc-port="${GRPC_PORT:-8001}" --metrics-port="${METRICS_PORT:-8002}" \
   --allow-metrics=true \
   --exit-timeout-secs=60 \
   "$@"

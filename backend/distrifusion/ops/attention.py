@@ -93,13 +93,16 @@ class PatchAttnProcessor:
         return self._text_key_value
 
     def _self_key_value(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key_value = torch.cat([attn.to_k(tokens), attn.to_v(tokens)], dim=-1)
+        key, value = attn.to_k(tokens), attn.to_v(tokens)
         ctx = self.context
-        if ctx.parallel and ctx.mode is not Mode.NAIVE_PATCH:
-            key_value = ctx.exchanged(
-                self.key, self._padded(key_value), lambda gathered: self._whole_image(key_value, gathered)
-            )
-        return key_value.chunk(2, dim=-1)
+        if not ctx.parallel or ctx.mode is Mode.NAIVE_PATCH:
+            return key, value
+        # Keys and values travel as one tensor: 2C per token, one slot in the exchange.
+        key_value = torch.cat([key, value], dim=-1)
+        full = ctx.exchanged(
+            self.key, self._padded(key_value), lambda gathered: self._whole_image(key_value, gathered)
+        )
+        return full.chunk(2, dim=-1)
 
     def _padded(self, key_value: torch.Tensor) -> torch.Tensor:
         # All-gathers need one shape on every rank; bands can differ in height by a row.

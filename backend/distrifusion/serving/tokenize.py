@@ -79,7 +79,9 @@ def decode_text(value: Any, field: str) -> str:
     raise TokenizeError(field, f"expected a string, got {type(value).__name__}")
 
 
-def texts_from_tensor(array: np.ndarray | None, field: str, batch_size: int | None = None) -> list[str] | None:
+def texts_from_tensor(
+    array: np.ndarray | None, field: str, batch_size: int | None = None
+) -> list[str] | None:
     """Decode a Triton BYTES tensor of shape ``[B, 1]`` (or ``[B]``) into ``B`` strings.
 
     Returns None when the tensor is absent. ``batch_size``, if given, must match ``B``.
@@ -133,11 +135,17 @@ class SDXLTokenizers:
             truncation=True,
             return_attention_mask=False,
         ).input_ids
-        full = tokenizer(list(texts), truncation=False, return_attention_mask=False).input_ids
-        truncated = np.array([len(ids) > self.max_length for ids in full], dtype=bool)
+        # One token over the limit tells whether anything was cut (and, unlike an untruncated
+        # call, does not make transformers warn about over-long sequences).
+        longer = tokenizer(
+            list(texts), truncation=True, max_length=self.max_length + 1, return_attention_mask=False
+        ).input_ids
+        truncated = np.array([len(ids) > self.max_length for ids in longer], dtype=bool)
         return np.asarray(padded, dtype=np.int32), truncated
 
-    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None) -> TokenizedBatch:
+    def encode(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None
+    ) -> TokenizedBatch:
         """Tokenize a batch. A None or blank negative prompt is encoded as "" with negative_given False.
 
         Raises :class:`TokenizeError` for an empty batch or a blank prompt.
@@ -178,7 +186,9 @@ class SDXLTokenizers:
             truncated=truncated.reshape(-1, 1),
         )
 
-    def encode_tensors(self, prompt: np.ndarray | None, negative_prompt: np.ndarray | None = None) -> TokenizedBatch:
+    def encode_tensors(
+        self, prompt: np.ndarray | None, negative_prompt: np.ndarray | None = None
+    ) -> TokenizedBatch:
         """Tokenize Triton BYTES tensors (``[B, 1]`` object arrays of UTF-8 bytes)."""
         prompts = texts_from_tensor(prompt, "prompt")
         if prompts is None:

@@ -1,0 +1,578 @@
+"""``python -m build_engines``: a diffusers SDXL directory -> a complete Triton model repository.
+
+Stages (each reports its progress on stderr):
+
+1. load the text encoders, VAE and tokenizers (fp32);
+2. export ``text_encoder``, ``text_encoder_2`` and ``vae_decoder`` to ONNX (dynamic batch; dynamic
+   latent height/width for the VAE) and check each against PyTorch with ONNX Runtime (max abs
+   error reported; the build fails over the tolerance);
+3. gpu target: build TensorRT engines from those ONNX files (fp16 encoders, fp32+TF32 VAE);
+   cpu target: serve the ONNX files with ONNX Runtime from a Python-backend model;
+4. tokenizer files, the UNet stage's diffusers directory (unet/ + scheduler/) and model code;
+5. every config.pbtxt, then a check of the whole repository (schemas, ensemble tensor names,
+   types and dims), then ``build_manifest.json``.
+
+The repository is assembled in a sibling folder and moved into place only when everything
+passed, so a failed build never leaves a half-written repository behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RESOLUTION = (1024, 1024)
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+class Progress:
+    """Numbered stage lines with timings on stderr."""
+
+    def __init__(self, total: int, stream: Any = None):
+        self.total = total
+        self.index = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+
+    def log(self, message: str) -> None:
+        print(f"        {message}", file=self.stream, flush=True)
+
+    @contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        self.index += 1
+        print(f"[{self.index}/{self.total}] {title} ...", file=self.stream, flush=True)
+        began = time.perf_counter()
+        yield
+        print(
+            f"[{self.index}/{self.total}] {title}: done in {time.perf_counter() - began:.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """``"1024x1024,2048x1536"`` -> ``[(1024, 1024), (2048, 1536)]``, each WIDTHxHEIGHT in pixels."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--resolutions: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+        width, height = (int(p) for p in parts)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"--resolutions: {item.strip()!r} must be positive")
+        out.append((width, height))
+    return out
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes: {text!r} is not a comma-separated list of integers") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"--batch-sizes: every size must be >= 1, got {text!r}")
+    return sorted(set(sizes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m build_engines",
+        description="Turn a diffusers SDXL directory into a Triton model repository (ensemble 'sdxl').",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="diffusers SDXL directory")
+    parser.add_argument("--output", required=True, type=Path, help="model repository to write")
+    parser.add_argument(
+        "--target",
+        required=True,
+        choices=("cpu", "gpu"),
+        help="gpu: TensorRT engines (needs TensorRT and an NVIDIA GPU); cpu: ONNX Runtime",
+    )
+    parser.add_argument(
+        "--resolutions",
+        help="WIDTHxHEIGHT list in pixels, e.g. 1024x1024,2048x2048 (gpu: the VAE engine's profile "
+        "spans them, opt at the first; default: --max-resolution, else 1024x1024)",
+    )
+    parser.add_argument(
+        "--max-resolution",
+        help="WIDTHxHEIGHT: the largest image the UNet stage accepts (its max_width/max_height "
+        "parameters); gpu: also the VAE engine profile's upper bound (default: gpu, the largest "
+        "--resolutions; cpu, the UNet template's own limit)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        default="1,2,4",
+        help="request batch sizes; the largest is every model's max_batch_size (default %(default)s)",
+    )
+    ranks = parser.add_mutually_exclusive_group()
+    ranks.add_argument("--unet-ranks", type=int, help="UNet ranks per instance (cpu default 2)")
+    ranks.add_argument(
+        "--unet-gpus",
+        help='gpu: GPUs per UNet instance, ";" between instances, e.g. "0,1;2,3" (default: every '
+        "GPU visible at build time, one instance)",
+    )
+    parser.add_argument(
+        "--mode", default="corrected_async_gn", help="DistriFusion mode (default %(default)s)"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps (default %(default)s)")
+    parser.add_argument(
+        "--split-batch", action="store_true", help="split the CFG batch over half the ranks each"
+    )
+    parser.add_argument(
+        "--unet-dtype", choices=("fp32", "fp16", "bf16"), help="UNet precision (default: cpu fp32, gpu fp16)"
+    )
+    parser.add_argument("--variant", help="load/copy this weight variant of the model, e.g. fp16")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
+    parser.add_argument("--atol", type=float, default=1e-3, help="ONNX check: absolute tolerance")
+    parser.add_argument(
+        "--rtol", type=float, default=1e-3, help="ONNX check: tolerance relative to the largest |value|"
+    )
+    parser.add_argument("--workspace-gb", type=float, default=8.0, help="gpu: TensorRT workspace per build")
+    parser.add_argument(
+        "--templates",
+        type=Path,
+        default=None,
+        help="model_repository templates (default: this checkout's model_repository/)",
+    )
+    parser.add_argument(
+        "--unet-template",
+        type=Path,
+        default=None,
+        help="the UNet stage's model folder to copy (default: <templates>/unet)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    return parser
+
+
+def _unet_parameters(args: argparse.Namespace, gpu_count: int | None) -> tuple[dict[str, str], int]:
+    """The UNet config parameters and the number of model instances."""
+    from distrifusion.config import ConfigError, DistriConfig
+
+    from .repository import UNET_MODEL_DIRECTORY, parse_gpu_groups
+
+    dtype = args.unet_dtype or ("fp16" if args.target == "gpu" else "fp32")
+    device = "cuda" if args.target == "gpu" else "cpu"
+    try:
+        DistriConfig(
+            mode=args.mode,
+            warmup_steps=args.warmup_steps,
+            split_batch=args.split_batch,
+            dtype=dtype,
+            device=device,
+        )
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    if args.target == "cpu":
+        if args.unet_gpus is not None:
+            raise ValueError("--unet-gpus: only for --target gpu (use --unet-ranks on the CPU)")
+        ranks = 2 if args.unet_ranks is None else args.unet_ranks
+        if ranks < 1:
+            raise ValueError(f"--unet-ranks: must be >= 1, got {ranks}")
+        gpus, instances = "", 1
+    else:
+        if args.unet_gpus is not None:
+            groups = parse_gpu_groups(args.unet_gpus)
+        else:
+            count = args.unet_ranks if args.unet_ranks is not None else gpu_count
+            if not count or count < 1:
+                raise ValueError("--unet-ranks: must be >= 1")
+            groups = [list(range(count))]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"--unet-gpus: every instance needs the same number of GPUs, got {args.unet_gpus!r}"
+            )
+        ranks = sizes.pop()
+        gpus = ";".join(",".join(map(str, g)) for g in groups)
+        instances = len(groups)
+    if args.split_batch and ranks % 2:
+        raise ValueError(f"--split-batch: needs an even number of ranks, got {ranks}")
+    params = {
+        "model_directory": UNET_MODEL_DIRECTORY,
+        "ranks": str(ranks),
+        "gpus": gpus,
+        "mode": str(args.mode),
+        "warmup_steps": str(args.warmup_steps),
+        "split_batch": "true" if args.split_batch else "false",
+        "dtype": dtype,
+        "device": device,
+    }
+    return params, instances
+
+
+def _check_resolutions(resolutions: Sequence[tuple[int, int]], multiple: int) -> None:
+    bad = [f"{w}x{h}" for w, h in resolutions if w % multiple or h % multiple]
+    if bad:
+        raise ValueError(
+            f"--resolutions: {', '.join(bad)} not multiples of {multiple} px (this model's UNet)"
+        )
+
+
+def _size_multiple(model_dir: Path) -> int:
+    """Pixel sizes must be multiples of this: the VAE factor times the UNet's downsampling."""
+    factor = 1
+    for component in ("vae", "unet"):
+        path = model_dir / component / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--model: {model_dir} has no {component}/config.json")
+        levels = len(json.loads(path.read_text()).get("block_out_channels", [0]))
+        factor *= 2 ** (levels - 1)
+    return factor
+
+
+def _sample_ids(tokenizers: Any) -> dict[str, Any]:
+    """Token ids for the encoder checks: ordinary, truncated (over 77 tokens) and empty text."""
+    import numpy as np
+
+    batch = tokenizers.encode(
+        [
+            "a photograph of an astronaut riding a horse on the moon, highly detailed",
+            "lighthouse at dawn!!! " * 20,  # truncated; "!" shares tokenizer_2's pad id
+        ],
+        ["blurry, low quality", None],  # None: the empty prompt's ids
+    )
+    return {
+        "text_encoder": np.concatenate([batch.input_ids, batch.negative_input_ids]),
+        "text_encoder_2": np.concatenate([batch.input_ids_2, batch.negative_input_ids_2]),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the repository; returns the manifest. Raises ValueError for bad arguments,
+    TensorRTUnavailable / BuildError / RepositoryError / ExportError for failed builds."""
+    from . import tensorrt as trt_build
+    from .repository import TEMPLATES_DIR
+
+    model_dir: Path = args.model
+    output: Path = args.output
+    templates: Path = args.templates or TEMPLATES_DIR
+    unet_template: Path = args.unet_template or templates / "unet"
+    max_resolution = parse_resolutions(args.max_resolution)[0] if args.max_resolution else None
+    if args.resolutions:
+        resolutions = parse_resolutions(args.resolutions)
+        if max_resolution is not None:
+            too_big = [f"{w}x{h}" for w, h in resolutions if w > max_resolution[0] or h > max_resolution[1]]
+            if too_big:
+                raise ValueError(
+                    f"--resolutions {', '.join(too_big)} exceed --max-resolution {args.max_resolution}"
+                )
+    else:
+        resolutions = [max_resolution] if max_resolution else [DEFAULT_RESOLUTION]
+    if max_resolution is None and args.target == "gpu":
+        max_resolution = (max(w for w, _ in resolutions), max(h for _, h in resolutions))
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    max_batch = max(batch_sizes)
+    if not (model_dir / "model_index.json").is_file():
+        raise ValueError(f"--model: {model_dir} is not a diffusers directory (no model_index.json)")
+    if output.exists() and any(output.iterdir()) and not args.force:
+        raise ValueError(f"--output: {output} exists and is not empty (pass --force to replace it)")
+    _check_resolutions(resolutions + ([max_resolution] if max_resolution else []), _size_multiple(model_dir))
+    if not (unet_template / "config.pbtxt").is_file():
+        raise ValueError(
+            f"--unet-template: {unet_template} has no config.pbtxt (the UNet stage's model folder)"
+        )
+
+    gpu_info = None
+    if args.target == "gpu":
+        # Fail before minutes of export when TensorRT or the GPU is missing.
+        gpu_info = trt_build.preflight()
+    gpu_count = None
+    if args.target == "gpu":
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    unet_params, unet_instances = _unet_parameters(args, gpu_count)
+
+    progress = Progress(total=7 if args.target == "gpu" else 6)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _build(
+            args,
+            progress,
+            staging,
+            templates,
+            unet_template,
+            resolutions,
+            max_resolution,
+            batch_sizes,
+            max_batch,
+            unet_params,
+            unet_instances,
+            gpu_info,
+        )
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(old)
+            shutil.rmtree(old)
+        staging.rename(output)
+    except ValueError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        # Arguments were checked above: a ValueError now is a failure inside the build.
+        raise BuildError(f"{type(err).__name__}: {err}") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(
+        f"model repository ready: {output} (target {args.target}, "
+        f"{time.perf_counter() - progress.start:.1f} s)",
+        file=progress.stream,
+        flush=True,
+    )
+    return manifest
+
+
+def _build(
+    args: argparse.Namespace,
+    progress: Progress,
+    repo: Path,
+    templates: Path,
+    unet_template: Path,
+    resolutions: list[tuple[int, int]],
+    max_resolution: tuple[int, int] | None,
+    batch_sizes: list[int],
+    max_batch: int,
+    unet_params: dict[str, str],
+    unet_instances: int,
+    gpu_info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from distrifusion.export import (
+        ONNX_STAGES,
+        VAE_DECODER,
+        check_stage,
+        export_stage,
+        load_components,
+        stage_modules,
+        text_encoder_cases,
+        vae_decoder_cases,
+    )
+    from distrifusion.serving.tokenize import SDXLTokenizers
+
+    from . import tensorrt as trt_build
+    from .repository import (
+        ENSEMBLE,
+        ONNX_RUNTIME_TEMPLATE,
+        TOKENIZER,
+        UNET,
+        UNET_MODEL_DIRECTORY,
+        check_repository,
+        copy_tokenizers,
+        copy_unet_model,
+        ensemble_config,
+        load_template,
+        stage_config,
+        tokenizer_spec,
+        unet_config,
+        write_config,
+    )
+
+    model_dir: Path = args.model
+    manifest: dict[str, Any] = {
+        "target": args.target,
+        "model": str(model_dir.resolve()),
+        "variant": args.variant,
+        "resolutions": [f"{w}x{h}" for w, h in resolutions],
+        "max_resolution": f"{max_resolution[0]}x{max_resolution[1]}" if max_resolution else None,
+        "batch_sizes": batch_sizes,
+        "max_batch_size": max_batch,
+        "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "stages": {},
+    }
+
+    with progress.stage(f"loading text encoders, VAE and tokenizers from {model_dir}"):
+        components = load_components(model_dir, variant=args.variant)
+        modules = stage_modules(components)
+        tokenizers = SDXLTokenizers.from_pretrained(model_dir)
+        ids = _sample_ids(tokenizers)
+        for name, (_, spec) in modules.items():
+            dims = {t.name: list(t.dims) for t in (*spec.inputs, *spec.outputs)}
+            progress.log(f"{name}: {dims}")
+        if tokenizers.max_length != modules["text_encoder"][1].inputs[0].dims[0]:
+            raise BuildError(
+                f"the tokenizers pad to {tokenizers.max_length} tokens, the text encoders take "
+                f"{modules['text_encoder'][1].inputs[0].dims[0]}"
+            )
+
+    onnx_paths: dict[str, Path] = {}
+    onnx_dir = repo / ".onnx" if args.target == "gpu" else None
+    with progress.stage("exporting ONNX and checking it against PyTorch with ONNX Runtime"):
+        for name in ONNX_STAGES:
+            module, spec = modules[name]
+            if name == VAE_DECODER:
+                channels = spec.inputs[0].dims[0]
+                example = vae_decoder_cases(channels, [(2, 16, 16)], seed=1)[0]
+                # Batch 2 and 1, two latent sizes (one not square): the dynamic axes are exercised.
+                cases = vae_decoder_cases(channels, [(2, 16, 16), (1, 24, 16)], seed=2)
+            else:
+                example = {"input_ids": ids[name][:2]}
+                cases = text_encoder_cases(ids[name])
+            folder = (onnx_dir / name) if onnx_dir is not None else (repo / name / "1")
+            exported = export_stage(module, spec, folder / "model.onnx", example, opset=args.opset)
+            for path in folder.glob("model.onnx*"):
+                path.chmod(0o644)
+            result = check_stage(module, spec, exported.path, cases, atol=args.atol, rtol=args.rtol)
+            progress.log(
+                f"{name}: exported in {exported.seconds:.1f} s"
+                + (" (weights in model.onnx_data)" if exported.external_data else "")
+                + f"; {result.summary()}"
+            )
+            manifest["stages"][name] = {
+                "onnx_opset": args.opset,
+                "onnx_external_data": exported.external_data,
+                "onnx_check": {
+                    "max_abs_error": result.max_abs_error,
+                    "limit": result.limit,
+                    "mismatch_fraction": result.mismatch_fraction,
+                    "cases": result.cases,
+                },
+                "tensors": {
+                    "inputs": {t.name: [t.dtype, list(t.dims)] for t in spec.inputs},
+                    "outputs": {t.name: [t.dtype, list(t.dims)] for t in spec.outputs},
+                },
+            }
+            if not result.passed:
+                raise BuildError(f"ONNX check failed: {result.summary()}")
+            onnx_paths[name] = exported.path
+    del components
+
+    if args.target == "gpu":
+        assert onnx_dir is not None and gpu_info is not None
+        with progress.stage(
+            f"building TensorRT {gpu_info['tensorrt_version']} engines on {gpu_info['gpu']} "
+            f"(sm {gpu_info['compute_capability']})"
+        ):
+            for name in ONNX_STAGES:
+                module, spec = modules[name]
+                fp16 = trt_build.stage_precision(name)
+                if name == VAE_DECODER:
+                    sizes = resolutions + ([max_resolution] if max_resolution else [])
+                    profile = trt_build.vae_profile(spec, batch_sizes, sizes, module.scale_factor)
+                else:
+                    profile = trt_build.encoder_profile(spec, batch_sizes)
+                began = time.perf_counter()
+                sidecar = trt_build.build_engine(
+                    onnx_paths[name],
+                    repo / name / "1" / trt_build.PLAN_NAME,
+                    spec,
+                    profile,
+                    fp16=fp16,
+                    workspace_bytes=int(args.workspace_gb * (1 << 30)),
+                )
+                progress.log(f"{name}: {sidecar['precision']} engine in {time.perf_counter() - began:.1f} s")
+                manifest["stages"][name]["tensorrt"] = sidecar
+            shutil.rmtree(onnx_dir)
+
+    with progress.stage("tokenizer files and model code"):
+        copy_tokenizers(model_dir, repo / TOKENIZER / "1")
+        shutil.copy2(templates / TOKENIZER / "1" / "model.py", repo / TOKENIZER / "1" / "model.py")
+        if args.target == "cpu":
+            for name in ONNX_STAGES:
+                shutil.copy2(templates / ONNX_RUNTIME_TEMPLATE / "model.py", repo / name / "1" / "model.py")
+        (repo / ENSEMBLE / "1").mkdir(parents=True)
+
+    with progress.stage(f"UNet stage: copying {model_dir / 'unet'} and scheduler/"):
+        shutil.copytree(
+            unet_template,
+            repo / UNET,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", UNET_MODEL_DIRECTORY),
+        )
+        if not (repo / UNET / "1").is_dir():
+            raise BuildError(f"{unet_template} has no version folder 1/ (with the stage's model.py)")
+        summary = copy_unet_model(model_dir, repo / UNET / "1" / UNET_MODEL_DIRECTORY, variant=args.variant)
+        progress.log(
+            f"unet/1/{UNET_MODEL_DIRECTORY}: {summary['files']} unet file(s), "
+            f"{summary['bytes'] / 2**20:.1f} MiB; parameters {unet_params}"
+        )
+        manifest["stages"][UNET] = {"parameters": unet_params, "instances": unet_instances, **summary}
+
+    with progress.stage("writing config.pbtxt files and checking the repository"):
+        generated = "Generated by `python -m build_engines` from model_repository/{name}/config.pbtxt."
+        platform = "tensorrt_plan" if args.target == "gpu" else None
+        kind = "KIND_GPU" if args.target == "gpu" else "KIND_CPU"
+        for name in ONNX_STAGES:
+            spec = modules[name][1]
+            msg = stage_config(load_template(templates, name), spec, max_batch, platform, kind)
+            write_config(repo / name, msg, generated.format(name=name) + f"\nTarget: {args.target}.")
+        msg = stage_config(
+            load_template(templates, TOKENIZER),
+            tokenizer_spec(tokenizers.max_length),
+            max_batch,
+            None,
+            "KIND_CPU",
+        )
+        write_config(repo / TOKENIZER, msg, generated.format(name=TOKENIZER))
+        unet_template_config = load_template(unet_template.parent, unet_template.name)
+        msg = unet_config(unet_template_config, max_batch, unet_params, unet_instances, max_resolution)
+        write_config(
+            repo / UNET,
+            msg,
+            f"Generated by `python -m build_engines` from {unet_template}/config.pbtxt (parameters,\n"
+            f"instance_group and max_batch_size filled in). Relative paths in parameters resolve\n"
+            f"against the version folder unet/1/.",
+        )
+        msg = ensemble_config(load_template(templates, ENSEMBLE), max_batch)
+        write_config(repo / ENSEMBLE, msg, generated.format(name=ENSEMBLE))
+        configs = check_repository(repo)
+        progress.log(f"{len(configs)} models: {', '.join(sorted(configs))}; ensemble tensors consistent")
+
+    manifest["versions"] = _versions()
+    if gpu_info:
+        manifest["gpu"] = gpu_info
+    (repo / "build_manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "distrifusion-triton"):
+        with suppress(PackageNotFoundError):
+            out[package] = version(package)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from distrifusion.export import ExportError
+
+    from .repository import RepositoryError
+    from .tensorrt import TensorRTUnavailable
+
+    try:
+        run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TensorRTUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except (BuildError, RepositoryError, ExportError) as err:
+        print(f"error: build failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

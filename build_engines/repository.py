@@ -1,0 +1,409 @@
+"""Model repository generation: configs from the ``model_repository/`` templates, files, checks.
+
+Layout written (both targets)::
+
+    <repo>/sdxl/config.pbtxt, sdxl/1/                  ensemble (platform "ensemble")
+    <repo>/tokenizer/config.pbtxt, 1/model.py, 1/tokenizer/, 1/tokenizer_2/
+    <repo>/text_encoder/config.pbtxt, 1/...            gpu: 1/model.plan (+ model.plan.json)
+    <repo>/text_encoder_2/config.pbtxt, 1/...          cpu: 1/model.py + 1/model.onnx
+    <repo>/vae_decoder/config.pbtxt, 1/...
+    <repo>/unet/config.pbtxt, 1/model.py (and whatever else model_repository/unet/ holds),
+          1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/
+    <repo>/build_manifest.json                          what was built, from what, with which checks
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from distrifusion.export import StageSpec, TensorSpec
+from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
+
+from .pbtxt import Ident, Message, parse, set_parameters, tensor, validate_model_config
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_repository"
+ENSEMBLE = "sdxl"
+TOKENIZER = "tokenizer"
+UNET = "unet"
+ONNX_RUNTIME_TEMPLATE = "onnx_runtime"
+# Where the UNet stage finds its diffusers directory, relative to the version folder unet/1/.
+UNET_MODEL_DIRECTORY = "model"
+
+TRITON_TYPES = {
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float32": "TYPE_FP32",
+    "bytes": "TYPE_STRING",
+}
+
+# The UNet stage's contract (its config is written by the UNet stage's owner; checked here).
+UNET_REQUIRED_INPUTS = (
+    "hidden_states_1",
+    "hidden_states_2",
+    "text_embeds",
+    "negative_hidden_states_1",
+    "negative_hidden_states_2",
+    "negative_text_embeds",
+    "negative_given",
+)
+UNET_OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
+UNET_OUTPUTS = ("latents", "seed")
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+# The request's generation options. The UNet stage reads them; the tokenizer accepts and ignores
+# them, so that a request without ``prompt`` still reaches it (a Python-backend model cannot
+# receive a request with no input at all) and is rejected with an error naming ``prompt``.
+REQUEST_OPTIONS = (
+    TensorSpec("height", "int32", (1,)),
+    TensorSpec("width", "int32", (1,)),
+    TensorSpec("num_inference_steps", "int32", (1,)),
+    TensorSpec("guidance_scale", "float32", (1,)),
+    TensorSpec("seed", "int64", (1,)),
+    TensorSpec("scheduler", "bytes", (1,)),
+)
+
+
+def tokenizer_spec(max_length: int) -> StageSpec:
+    """The tokenizer's tensors: ids ``int32 [max_length]`` for each encoder, flags ``bool [1]``."""
+    outputs = tuple(
+        TensorSpec(name, "int32", (max_length,)) if "input_ids" in name else TensorSpec(name, "bool", (1,))
+        for name in TOKENIZER_OUTPUTS
+    )
+    inputs = (TensorSpec("prompt", "bytes", (1,)), TensorSpec("negative_prompt", "bytes", (1,)))
+    return StageSpec(TOKENIZER, inputs=inputs + REQUEST_OPTIONS, outputs=outputs)
+
+
+def load_template(templates: Path, name: str) -> Message:
+    path = templates / name / "config.pbtxt"
+    if not path.is_file():
+        raise RepositoryError(f"template {path} is missing")
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise RepositoryError(f"{path}: {err}") from err
+
+
+def _dims(msg: Message) -> list[int]:
+    return [int(d) for d in msg.get_all("dims")]
+
+
+def _tensors(msg: Message, kind: str) -> dict[str, Message]:
+    return {t.get("name"): t for t in msg.get_all(kind)}
+
+
+def _replace_field(msg: Message, old: str, new: str, value: Any) -> None:
+    """Put ``new: value`` where ``old`` was (or at the end), removing both fields first."""
+    position = next((i for i, (k, _) in enumerate(msg.fields) if k in (old, new)), len(msg.fields))
+    kept_before = [(k, v) for k, v in msg.fields[:position] if k not in (old, new)]
+    kept_after = [(k, v) for k, v in msg.fields[position:] if k not in (old, new)]
+    msg.fields = [*kept_before, (new, value), *kept_after]
+
+
+def stage_config(
+    template: Message, spec: StageSpec, max_batch_size: int, platform: str | None, instance_kind: str
+) -> Message:
+    """The served config of a stage: the template's fields, the spec's tensors, the target's backend.
+
+    The template must name the same tensors with the same types as the spec (it documents them);
+    dims come from the spec (the model's config), ``optional`` flags from the template.
+    """
+    msg = copy.deepcopy(template)
+    for kind, specs in (("input", spec.inputs), ("output", spec.outputs)):
+        declared = _tensors(msg, kind)
+        if list(declared) != [t.name for t in specs]:
+            raise RepositoryError(
+                f"template {spec.name}: {kind}s {list(declared)} differ from the exported "
+                f"{[t.name for t in specs]}"
+            )
+        new = []
+        for t in specs:
+            data_type = declared[t.name].get("data_type")
+            if data_type != TRITON_TYPES[t.dtype]:
+                raise RepositoryError(
+                    f"template {spec.name}: {kind} {t.name} is {data_type}, the model's is {TRITON_TYPES[t.dtype]}"
+                )
+            optional = str(declared[t.name].get("optional", "false")) == "true"
+            new.append(tensor(t.name, TRITON_TYPES[t.dtype], t.dims, optional=optional))
+        msg.set(kind, new)
+    msg.set("name", spec.name)
+    msg.set("max_batch_size", max_batch_size)
+    if platform is None:
+        _replace_field(msg, "platform", "backend", "python")
+    else:
+        _replace_field(msg, "backend", "platform", platform)
+    msg.set("instance_group", [Message([("count", 1), ("kind", Ident(instance_kind))])])
+    return msg
+
+
+def parse_gpu_groups(text: str) -> list[list[int]]:
+    """``"0,1;2,3"`` -> ``[[0, 1], [2, 3]]``: one model instance per group, one rank per GPU."""
+    groups = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty GPU group in {text!r}")
+        try:
+            ids = [int(x) for x in part.split(",")]
+        except ValueError:
+            raise ValueError(f"GPU ids must be integers, got {part!r} in {text!r}") from None
+        if any(i < 0 for i in ids):
+            raise ValueError(f"GPU ids must be >= 0 in {text!r}")
+        groups.append(ids)
+    flat = [i for g in groups for i in g]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"a GPU appears twice in {text!r}")
+    return groups
+
+
+def unet_config(
+    template: Message,
+    max_batch_size: int,
+    unet_parameters: Mapping[str, str],
+    instances: int,
+    max_resolution: tuple[int, int] | None = None,
+) -> Message:
+    """The served UNet config: the template with our parameters, instance count, batch size."""
+    msg = copy.deepcopy(template)
+    inputs = _tensors(msg, "input")
+    outputs = _tensors(msg, "output")
+    missing = [n for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS) if n not in inputs]
+    missing += [f"output {n}" for n in UNET_OUTPUTS if n not in outputs]
+    if missing:
+        raise RepositoryError(f"model_repository/unet/config.pbtxt lacks {', '.join(missing)}")
+    values = dict(unet_parameters)
+    if max_resolution is not None:
+        # The UNet stage refuses larger sizes up front (on the gpu target, the VAE engine's
+        # profile ends there).
+        values["max_width"], values["max_height"] = (str(v) for v in max_resolution)
+    set_parameters(msg, values)
+    msg.set("max_batch_size", max_batch_size)
+    msg.set("instance_group", [Message([("count", instances), ("kind", Ident("KIND_MODEL"))])])
+    return msg
+
+
+def ensemble_config(template: Message, max_batch_size: int) -> Message:
+    msg = copy.deepcopy(template)
+    msg.set("max_batch_size", max_batch_size)
+    return msg
+
+
+def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
+
+
+def check_ensemble(ensemble: Message, models: Mapping[str, Message]) -> list[str]:
+    """Inconsistencies between the ensemble's steps and its composing models' configs.
+
+    Every mapped tensor must exist in the model config, with one producer, the same data type
+    and compatible dims; every required model input must be fed, and not from an optional
+    ensemble input; every composing model must allow the ensemble's batch size.
+    """
+    errors: list[str] = []
+    name = ensemble.get("name")
+    if ensemble.get("platform") != "ensemble":
+        errors.append(f"{name}: platform is {ensemble.get('platform')!r}, not 'ensemble'")
+    batch = int(ensemble.get("max_batch_size", 0))
+    # tensor -> (producer, data_type, dims, optional)
+    produced: dict[str, tuple[str, str, list[int], bool]] = {}
+    for t in ensemble.get_all("input"):
+        optional = str(t.get("optional", "false")) == "true"
+        produced[t.get("name")] = ("the request", str(t.get("data_type")), _dims(t), optional)
+    steps = ensemble.get("ensemble_scheduling", Message()).get_all("step")
+    if not steps:
+        errors.append(f"{name}: no ensemble_scheduling steps")
+    for i, step in enumerate(steps):
+        model = step.get("model_name")
+        where = f"step {i} ({model})"
+        config = models.get(model)
+        if config is None:
+            errors.append(f"{where}: no model {model!r} in the repository")
+            continue
+        for out_map in step.get_all("output_map"):
+            key, value = out_map.get("key"), out_map.get("value")
+            out = _tensors(config, "output").get(key)
+            if out is None:
+                errors.append(f"{where}: {model} has no output {key!r}")
+                continue
+            if value in produced:
+                errors.append(
+                    f"{where}: ensemble tensor {value!r} is already produced by {produced[value][0]}"
+                )
+                continue
+            produced[value] = (where, str(out.get("data_type")), _dims(out), False)
+    for i, step in enumerate(steps):
+        model = step.get("model_name")
+        where = f"step {i} ({model})"
+        config = models.get(model)
+        if config is None:
+            continue
+        model_batch = int(config.get("max_batch_size", 0))
+        if batch > 0 and model_batch < batch:
+            errors.append(f"{where}: {model} allows batch {model_batch}, the ensemble {batch}")
+        inputs = _tensors(config, "input")
+        fed = set()
+        for in_map in step.get_all("input_map"):
+            key, value = in_map.get("key"), in_map.get("value")
+            target = inputs.get(key)
+            if target is None:
+                errors.append(f"{where}: {model} has no input {key!r}")
+                continue
+            fed.add(key)
+            source = produced.get(value)
+            if source is None:
+                errors.append(f"{where}: input {key!r} reads {value!r}, which nothing produces")
+                continue
+            producer, data_type, dims, optional = source
+            if data_type != str(target.get("data_type")):
+                errors.append(
+                    f"{where}: input {key!r} is {target.get('data_type')}, {value!r} from {producer} is {data_type}"
+                )
+            if not _compatible(dims, _dims(target)):
+                errors.append(
+                    f"{where}: input {key!r} has dims {_dims(target)}, {value!r} from {producer} has {dims}"
+                )
+            if optional and str(target.get("optional", "false")) != "true":
+                errors.append(f"{where}: required input {key!r} is fed from optional request input {value!r}")
+        for key, target in inputs.items():
+            if key not in fed and str(target.get("optional", "false")) != "true":
+                errors.append(f"{where}: required input {key!r} of {model} is not mapped")
+    used = {m.get("value") for step in steps for m in step.get_all("input_map")}
+    for t in ensemble.get_all("input"):
+        if t.get("name") not in used:
+            errors.append(f"{name}: request input {t.get('name')!r} is not used by any step")
+    for out in ensemble.get_all("output"):
+        out_name = out.get("name")
+        source = produced.get(out_name)
+        if source is None or source[0] == "the request":
+            errors.append(f"{name}: output {out_name!r} is not produced by any step")
+            continue
+        producer, data_type, dims, _ = source
+        if data_type != str(out.get("data_type")):
+            errors.append(
+                f"{name}: output {out_name!r} is {out.get('data_type')}, {producer} gives {data_type}"
+            )
+        if not _compatible(dims, _dims(out)):
+            errors.append(f"{name}: output {out_name!r} has dims {_dims(out)}, {producer} gives {dims}")
+    return errors
+
+
+def check_repository(repo: Path) -> dict[str, Message]:
+    """Parse and validate every ``config.pbtxt`` under ``repo`` and check the ensembles; raise on errors."""
+    configs: dict[str, Message] = {}
+    errors = []
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        try:
+            msg = parse(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            errors.append(f"{path}: {err}")
+            continue
+        errors += [f"{path}: {e}" for e in validate_model_config(msg)]
+        if msg.get("name") != path.parent.name:
+            errors.append(f"{path}: name {msg.get('name')!r} differs from its folder")
+        if not (path.parent / "1").is_dir():
+            errors.append(f"{path.parent}: no version folder 1/")
+        configs[path.parent.name] = msg
+    for model, msg in configs.items():
+        if msg.get("platform") == "ensemble":
+            errors += [f"{model}: {e}" for e in check_ensemble(msg, configs)]
+    if errors:
+        raise RepositoryError("invalid model repository:\n  " + "\n  ".join(errors))
+    return configs
+
+
+_WEIGHT_FILE = re.compile(
+    r"^(?P<stem>diffusion_pytorch_model)(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+    r"(?P<shard>-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)(?P<index>\.index\.json)?$"
+)
+
+
+def copy_unet_model(model_dir: Path, dest: Path, variant: str | None = None) -> dict[str, Any]:
+    """Copy what the UNet stage loads into ``dest`` (diffusers format): ``unet/``, ``scheduler/`` and a
+    ``model_index.json`` listing only those two (every other component null).
+
+    With ``variant`` (e.g. ``fp16``), that variant's weight files are copied under the default
+    names, so the stage loads them without a variant argument; other variants are never copied.
+    Returns a summary (file count, bytes).
+    """
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
+        raise RepositoryError(f"{model_dir} has no model_index.json: not a diffusers directory")
+    model_index = json.loads(index_path.read_text())
+    for component in ("unet", "scheduler"):
+        if not (model_dir / component).is_dir() or not isinstance(model_index.get(component), list):
+            raise RepositoryError(f"{model_dir} has no {component}/ component")
+    restricted = {
+        key: (value if key in ("unet", "scheduler") or not isinstance(value, list) else [None, None])
+        for key, value in model_index.items()
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "model_index.json").write_text(json.dumps(restricted, indent=2) + "\n")
+    shutil.copytree(model_dir / "scheduler", dest / "scheduler")
+
+    source = model_dir / "unet"
+    files = [p for p in sorted(source.iterdir()) if p.is_file()]
+    weights = {p: _WEIGHT_FILE.match(p.name) for p in files}
+    available = {m.group("variant") for m in weights.values() if m}
+    if variant is not None and variant not in available:
+        raise RepositoryError(f"{source} has no {variant!r} weights (found {sorted(map(str, available))})")
+    if variant is None and None not in available and available:
+        raise RepositoryError(
+            f"{source} has only variant weights {sorted(map(str, available))}: pass --variant"
+        )
+    (dest / "unet").mkdir()
+    copied, size = 0, 0
+    for path in files:
+        match = weights[path]
+        name = path.name
+        if match:
+            if match.group("variant") != variant:
+                continue
+            name = (
+                f"{match.group('stem')}{match.group('shard') or ''}.{match.group('ext')}"
+                f"{match.group('index') or ''}"
+            )
+        target = dest / "unet" / name
+        if match and match.group("index") and variant:
+            # The shard index names the variant's shard files: point it at the renamed ones.
+            index = json.loads(path.read_text())
+            index["weight_map"] = {
+                k: v.replace(f".{variant}-", "-").replace(f".{variant}.", ".")
+                for k, v in index.get("weight_map", {}).items()
+            }
+            target.write_text(json.dumps(index, indent=2) + "\n")
+        else:
+            shutil.copy2(path, target)
+        copied += 1
+        size += target.stat().st_size
+    return {"files": copied, "bytes": size}
+
+
+def copy_tokenizers(model_dir: Path, dest: Path) -> None:
+    for name in ("tokenizer", "tokenizer_2"):
+        source = model_dir / name
+        if not source.is_dir():
+            raise RepositoryError(f"{model_dir} has no {name}/: SDXL has two tokenizers")
+        shutil.copytree(source, dest / name)
+
+
+def write_config(model_dir: Path, msg: Message, header: str) -> Path:
+    from .pbtxt import dumps
+
+    errors = validate_model_config(msg)
+    if errors:
+        raise RepositoryError(f"{model_dir.name}: generated config is invalid: {'; '.join(errors)}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.pbtxt"
+    path.write_text(dumps(msg, header=header), encoding="utf-8")
+    return path

@@ -1,0 +1,156 @@
+"""Command-line client of the `sdxl` ensemble over gRPC or HTTP: prompt in, PNG files out.
+
+    python clients/sdxl_client.py --prompt "a lighthouse at dawn" --seed 42 --protocol grpc
+
+Prints the latency, the seed of every image (drawn by the server when not given) and whether a
+prompt was cut at CLIP's 77 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+OUTPUTS = ("image", "used_seed", "truncated")
+
+
+def build_inputs(
+    module: Any,
+    prompts: list[str],
+    negative_prompts: list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seeds: list[int] | None = None,
+    scheduler: str | None = None,
+) -> list[Any]:
+    """The ensemble's inputs for a batch of prompts; fields left None take the server's defaults."""
+    rows = len(prompts)
+
+    def tensor(name: str, values: list, datatype: str, dtype: Any) -> Any:
+        array = np.array(values, dtype=dtype).reshape(rows, 1)
+        infer_input = module.InferInput(name, list(array.shape), datatype)
+        infer_input.set_data_from_numpy(array)
+        return infer_input
+
+    def text(values: list[str]) -> list[bytes]:
+        return [value.encode("utf-8") for value in values]
+
+    inputs = [tensor("prompt", text(prompts), "BYTES", np.object_)]
+    if negative_prompts is not None:
+        inputs.append(tensor("negative_prompt", text(negative_prompts), "BYTES", np.object_))
+    for name, value, datatype, dtype in (
+        ("height", height, "INT32", np.int32),
+        ("width", width, "INT32", np.int32),
+        ("num_inference_steps", num_inference_steps, "INT32", np.int32),
+        ("guidance_scale", guidance_scale, "FP32", np.float32),
+    ):
+        if value is not None:
+            inputs.append(tensor(name, [value] * rows, datatype, dtype))
+    if seeds is not None:
+        inputs.append(tensor("seed", seeds, "INT64", np.int64))
+    if scheduler is not None:
+        inputs.append(tensor("scheduler", text([scheduler] * rows), "BYTES", np.object_))
+    return inputs
+
+
+def generate(
+    url: str, protocol: str = "grpc", model: str = "sdxl", timeout: float = 600.0, **fields: Any
+) -> dict:
+    """Sends one request; returns ``images`` (uint8 [rows, H, W, 3]), ``seeds``, ``truncated``, ``seconds``."""
+    module = grpcclient if protocol == "grpc" else httpclient
+    if protocol == "grpc":
+        client = grpcclient.InferenceServerClient(url)
+        options = {"client_timeout": timeout}
+    else:
+        client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+        options = {}
+    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    started = time.perf_counter()
+    result = client.infer(model, build_inputs(module, **fields), outputs=outputs, **options)
+    seconds = time.perf_counter() - started
+    client.close()
+    return {
+        "images": result.as_numpy("image"),
+        "seeds": result.as_numpy("used_seed").reshape(-1).tolist(),
+        "truncated": result.as_numpy("truncated").reshape(-1).tolist(),
+        "seconds": seconds,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate images with the sdxl ensemble on Triton.")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--negative-prompt", action="append", help="one per prompt (or one for all)")
+    parser.add_argument("--height", type=int, help="pixels (server default: 1024)")
+    parser.add_argument("--width", type=int, help="pixels (server default: 1024)")
+    parser.add_argument("--steps", type=int, help="denoising steps (server default: 30)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (server default: 5.0)")
+    parser.add_argument("--seed", type=int, action="append", help="one per prompt (server default: random)")
+    parser.add_argument(
+        "--scheduler", help="ddim, euler, euler_ancestral, dpmpp_2m, ... (default: the model's)"
+    )
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--url", help="host:port (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    parser.add_argument("--model", default="sdxl", help="ensemble name (default: sdxl)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="default: ./outputs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    negative = args.negative_prompt
+    if negative is not None and len(negative) == 1:
+        negative = negative * len(args.prompt)
+    for name, values in (("--negative-prompt", negative), ("--seed", args.seed)):
+        if values is not None and len(values) != len(args.prompt):
+            print(f"error: {name}: give one per --prompt ({len(args.prompt)})", file=sys.stderr)
+            return 2
+    try:
+        result = generate(
+            args.url or DEFAULT_URLS[args.protocol],
+            protocol=args.protocol,
+            model=args.model,
+            timeout=args.timeout,
+            prompts=args.prompt,
+            negative_prompts=negative,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seeds=args.seed,
+            scheduler=args.scheduler,
+        )
+    except InferenceServerException as error:
+        print(f"error: {error.status()}: {error.message()}", file=sys.stderr)
+        return 1
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image, seed) in enumerate(zip(result["images"], result["seeds"], strict=True)):
+        path = args.output_dir / f"image_{index}_seed{seed}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    summary = {
+        "seconds": round(result["seconds"], 3),
+        "seeds": result["seeds"],
+        "truncated": result["truncated"],
+    }
+    print(json.dumps({**summary, "images": paths}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

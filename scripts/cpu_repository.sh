@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds what the CPU server needs, if missing: the small random-weight SDXL model
+# (.cache/tiny-sdxl) and its CPU model repository (build/model_repository_cpu, 2 gloo UNet ranks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+model_dir=.cache/tiny-sdxl
+repository=build/model_repository_cpu
+if [ ! -f "$model_dir/model_index.json" ]; then
+  echo "[prepare] building the small random-weight SDXL model in $model_dir" >&2
+  .venv/bin/distrifusion-tiny-model "$model_dir" --arch sdxl --seed 0 >/dev/null
+fi
+if [ ! -f "$repository/sdxl/config.pbtxt" ]; then
+  echo "[prepare] building the CPU model repository in $repository" >&2
+  HF_HUB_OFFLINE=1 .venv/bin/python -m build_engines --model "$model_dir" --output "$repository" \
+    --target cpu --unet-ranks 2 --max-resolution 1024x1024 --force
+fi

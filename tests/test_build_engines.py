@@ -1,0 +1,581 @@
+"""The build step: ONNX exports against PyTorch and diffusers, tokenization, the generated repository."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distrifusion.export import (
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    VAE_DECODER,
+    VaeDecoderExport,
+    check_stage,
+    export_stage,
+    ort_session,
+    run_ort,
+    stage_modules,
+    text_encoder_cases,
+    vae_decoder_cases,
+)
+from distrifusion.serving.tokenize import SDXLTokenizers, TokenizeError
+
+ROOT = Path(__file__).resolve().parents[1]
+# build_engines is a top-level folder of the checkout (run as `python -m build_engines`), not installed.
+sys.path.insert(0, str(ROOT))
+from build_engines import pbtxt  # noqa: E402
+from build_engines import tensorrt as trt_build  # noqa: E402
+from build_engines.build import main  # noqa: E402
+from build_engines.repository import (  # noqa: E402
+    TEMPLATES_DIR,
+    check_ensemble,
+    check_repository,
+    copy_unet_model,
+    load_template,
+    stage_config,
+    tokenizer_spec,
+    unet_config,
+)
+
+BOS, EOS = 49406, 49407
+EXPECTED_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sdxl_dir: Path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_sdxl_dir: Path) -> SDXLTokenizers:
+    return SDXLTokenizers.from_pretrained(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(pipe, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each stage exported once: name -> (torch wrapper, spec, model.onnx path)."""
+    out = tmp_path_factory.mktemp("onnx")
+    modules = stage_modules(
+        {TEXT_ENCODER: pipe.text_encoder, TEXT_ENCODER_2: pipe.text_encoder_2, VAE_DECODER: pipe.vae}
+    )
+    ids = np.tile(np.array([BOS, 320, 1929, EOS] + [EOS] * 73, dtype=np.int32), (2, 1))
+    examples = {
+        TEXT_ENCODER: {"input_ids": ids},
+        TEXT_ENCODER_2: {"input_ids": ids},
+        VAE_DECODER: vae_decoder_cases(4, [(2, 8, 8)])[0],
+    }
+    result = {}
+    for name, (module, spec) in modules.items():
+        exported_stage = export_stage(module, spec, out / name / "model.onnx", examples[name])
+        result[name] = (module, spec, exported_stage.path)
+    return result
+
+
+@pytest.fixture(scope="module")
+def cpu_repo(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("build") / "repo"
+    args = ["--model", str(tiny_sdxl_dir), "--output", str(output), "--target", "cpu"]
+    args += ["--batch-sizes", "1,3", "--unet-ranks", "2", "--mode", "full_sync", "--warmup-steps", "2"]
+    args += ["--max-resolution", "512x512"]
+    assert main(args) == 0
+    return output
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+
+def test_each_tokenizer_keeps_its_own_padding(tokenizers: SDXLTokenizers, pipe) -> None:
+    batch = tokenizers.encode(["a red fox in snow"])
+    ids_1, ids_2 = batch.input_ids[0], batch.input_ids_2[0]
+    assert batch.input_ids.dtype == np.int32 and batch.input_ids.shape == (1, 77)
+    end = int(np.argmax(ids_1 == EOS))
+    assert ids_1[0] == BOS and (ids_1[end:] == EOS).all()  # pads with <|endoftext|>
+    assert ids_2[end] == EOS and (ids_2[end + 1 :] == 0).all()  # pads with "!" (id 0)
+    assert (ids_1[:end] == ids_2[:end]).all()  # one shared vocabulary
+    # The same ids as diffusers' own tokenization in the SDXL pipeline.
+    for ours, tokenizer in ((ids_1, pipe.tokenizer), (ids_2, pipe.tokenizer_2)):
+        theirs = tokenizer(
+            "a red fox in snow", padding="max_length", max_length=77, truncation=True, return_tensors="np"
+        ).input_ids[0]
+        assert (ours == theirs).all()
+
+
+def test_truncation_is_reported_for_prompt_and_negative_prompt(tokenizers: SDXLTokenizers) -> None:
+    long_text = "a very long prompt " * 30
+    batch = tokenizers.encode(["short", long_text, "short"], [None, None, long_text])
+    assert batch.truncated.dtype == np.bool_ and batch.truncated.shape == (3, 1)
+    assert batch.truncated.ravel().tolist() == [False, True, True]
+    cut = batch.input_ids[1]
+    assert cut[0] == BOS and cut[-1] == EOS and EOS not in cut[1:-1]
+    # Exactly at the limit (75 words of one token each + start + end) is not truncated.
+    exact = tokenizers.encode(["cat " * 75, "cat " * 76])
+    assert exact.truncated.ravel().tolist() == [False, True]
+
+
+def test_negative_given_and_the_ids_of_an_absent_negative_prompt(tokenizers: SDXLTokenizers) -> None:
+    batch = tokenizers.encode(["a", "b", "c", "d"], [None, "", "   ", "blurry"])
+    assert batch.negative_given.dtype == np.bool_ and batch.negative_given.shape == (4, 1)
+    assert batch.negative_given.ravel().tolist() == [False, False, False, True]
+    empty = tokenizers.encode(["x"], [""]).negative_input_ids_2[0]
+    assert (batch.negative_input_ids_2[:3] == empty).all()  # absent and blank: the empty prompt's ids
+    assert batch.negative_input_ids[0][:2].tolist() == [BOS, EOS]
+    assert not (batch.negative_input_ids[3] == batch.negative_input_ids[0]).all()
+    assert tokenizers.encode(["a"]).negative_given.ravel().tolist() == [False]
+
+
+def test_triton_bytes_tensors_are_decoded(tokenizers: SDXLTokenizers) -> None:
+    prompt = np.array([["héllo wörld".encode()], [b"a cat"]], dtype=object)
+    negative = np.array([[b""], [b"blurry"]], dtype=object)
+    batch = tokenizers.encode_tensors(prompt, negative)
+    assert batch.input_ids.shape == (2, 77) and batch.negative_given.ravel().tolist() == [False, True]
+    same = tokenizers.encode(["héllo wörld", "a cat"], [None, "blurry"])
+    for name, array in batch.as_dict().items():
+        assert array.dtype == same.as_dict()[name].dtype
+        assert (array == same.as_dict()[name]).all(), name
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "field"),
+    [
+        (None, None, "prompt"),
+        (np.array([[b""]], dtype=object), None, "prompt"),
+        (np.array([[b"  "]], dtype=object), None, "prompt"),
+        (np.array([[b"\xff\xfe bad"]], dtype=object), None, "prompt"),
+        (np.array([[b"ok"]], dtype=object), np.array([[b"\xc3\x28"]], dtype=object), "negative_prompt"),
+        (np.array([[b"ok"], [b"ok"]], dtype=object), np.array([[b"no"]], dtype=object), "negative_prompt"),
+        (np.array([[b"a", b"b"]], dtype=object), None, "prompt"),
+    ],
+    ids=["missing", "empty", "blank", "not-utf8", "negative-not-utf8", "batch-mismatch", "two-per-row"],
+)
+def test_bad_requests_name_the_field(tokenizers: SDXLTokenizers, prompt, negative, field: str) -> None:
+    with pytest.raises(TokenizeError) as raised:
+        tokenizers.encode_tensors(prompt, negative)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
+
+
+# --- ONNX exports -----------------------------------------------------------------------------------
+
+
+def test_text_encoders_match_pytorch_and_diffusers_encode_prompt(exported, pipe, tokenizers) -> None:
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2):
+        module, spec, path = exported[name]
+        ids = tokenizers.encode(["a red fox", "word " * 90, "x"]).input_ids
+        # Dynamic batch: 3 and 1, different from the export's 2.
+        result = check_stage(module, spec, path, text_encoder_cases(ids), atol=1e-5, rtol=1e-5)
+        assert result.passed, result.summary()
+
+    prompt, negative = "a lighthouse at dawn", "fog, blurry"
+    batch = tokenizers.encode([prompt], [negative])
+    te1 = ort_session(exported[TEXT_ENCODER][2])
+    te2 = ort_session(exported[TEXT_ENCODER_2][2])
+    h1 = run_ort(te1, {"input_ids": batch.input_ids})["hidden_states"]
+    out2 = run_ort(te2, {"input_ids": batch.input_ids_2})
+    nh1 = run_ort(te1, {"input_ids": batch.negative_input_ids})["hidden_states"]
+    nout2 = run_ort(te2, {"input_ids": batch.negative_input_ids_2})
+    assert h1.shape == (1, 77, 32) and out2["hidden_states"].shape == (1, 77, 64)
+    assert out2["text_embeds"].shape == (1, 64)
+    with torch.no_grad():
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, negative_prompt=negative, device="cpu", do_classifier_free_guidance=True
+        )
+    # What the UNet stage will concatenate is what diffusers conditions on.
+    np.testing.assert_allclose(np.concatenate([h1, out2["hidden_states"]], -1), embeds.numpy(), atol=2e-5)
+    np.testing.assert_allclose(np.concatenate([nh1, nout2["hidden_states"]], -1), negative_embeds, atol=2e-5)
+    np.testing.assert_allclose(out2["text_embeds"], pooled.numpy(), atol=2e-5)
+    np.testing.assert_allclose(nout2["text_embeds"], negative_pooled.numpy(), atol=2e-5)
+
+
+def test_vae_decoder_gives_diffusers_decoded_and_postprocessed_pixels(exported, pipe) -> None:
+    module, spec, path = exported[VAE_DECODER]
+    session = ort_session(path)
+    scaling = pipe.vae.config.scaling_factor
+    assert scaling == pytest.approx(0.13025)
+    # Batch 1 and 3, square and not: dynamic batch, height and width.
+    for case in vae_decoder_cases(4, [(1, 16, 24), (3, 8, 8)], seed=3):
+        latents = case["latents"]
+        image = run_ort(session, case)["image"]
+        b, _, h, w = latents.shape
+        assert image.dtype == np.uint8 and image.shape == (b, 8 * h, 8 * w, 3)
+        with torch.no_grad():
+            decoded = pipe.vae.decode(torch.from_numpy(latents) / scaling).sample
+        pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        expected = np.stack([np.asarray(p) for p in pil])
+        diff = np.abs(image.astype(np.int16) - expected.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    result = check_stage(module, spec, path, vae_decoder_cases(4, [(2, 8, 16)], seed=4))
+    assert result.passed, result.summary()
+
+
+def test_vae_latent_mean_and_std_are_undone_as_diffusers_does(pipe) -> None:
+    vae = type(pipe.vae).from_config(pipe.vae.config).eval()
+    vae.load_state_dict(pipe.vae.state_dict())
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 1.0, 2.0]
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    wrapper = VaeDecoderExport(vae)
+    latents = torch.randn(1, 4, 8, 8)
+    # diffusers' StableDiffusionXLPipeline: latents * std / scaling_factor + mean
+    expected = latents * torch.tensor(std).view(1, 4, 1, 1) / vae.config.scaling_factor + torch.tensor(
+        mean
+    ).view(1, 4, 1, 1)
+    torch.testing.assert_close(wrapper.unscale(latents), expected)
+    torch.testing.assert_close(VaeDecoderExport(pipe.vae).unscale(latents), latents / 0.13025)
+
+
+def test_large_weights_go_to_one_external_data_file(pipe, tmp_path: Path) -> None:
+    modules = stage_modules(
+        {TEXT_ENCODER: pipe.text_encoder, TEXT_ENCODER_2: pipe.text_encoder_2, VAE_DECODER: pipe.vae}
+    )
+    module, spec = modules[TEXT_ENCODER_2]
+    ids = np.tile(np.array([BOS, 320, EOS] + [0] * 74, dtype=np.int32), (2, 1))
+    result = export_stage(
+        module, spec, tmp_path / "model.onnx", {"input_ids": ids}, external_data_threshold=0
+    )
+    assert result.external_data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert check_stage(module, spec, result.path, text_encoder_cases(ids)).passed
+
+
+# --- the CPU build ----------------------------------------------------------------------------------
+
+
+def _configs(repo: Path) -> dict[str, pbtxt.Message]:
+    return {p.parent.name: pbtxt.parse(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+
+
+def _io(config: pbtxt.Message, kind: str) -> dict[str, tuple[str, list[int]]]:
+    return {t.get("name"): (str(t.get("data_type")), list(t.get_all("dims"))) for t in config.get_all(kind)}
+
+
+def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
+    assert {p.name for p in cpu_repo.iterdir() if p.is_dir()} == EXPECTED_MODELS
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
+        assert {p.name for p in (cpu_repo / name / "1").iterdir()} == {"model.onnx", "model.py"}
+    tokenizer = cpu_repo / "tokenizer" / "1"
+    assert (tokenizer / "model.py").is_file()
+    assert (tokenizer / "tokenizer" / "tokenizer_config.json").is_file()
+    assert (tokenizer / "tokenizer_2" / "tokenizer_config.json").is_file()
+    assert (cpu_repo / "sdxl" / "1").is_dir()
+    assert (cpu_repo / "unet" / "1" / "model.py").is_file()
+    assert not list(cpu_repo.parent.glob(".repo.*")), "staging folder left behind"
+
+    configs = check_repository(cpu_repo)  # schema, names, ensemble consistency
+    assert set(configs) == EXPECTED_MODELS
+    for name, config in configs.items():
+        assert config.get("max_batch_size") == 3, name
+        assert pbtxt.validate_model_config(config) == []
+    # Triton's own schema, strictly (unknown fields or bad enum values raise).
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    for path in cpu_repo.glob("*/config.pbtxt"):
+        parsed = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert parsed.name == path.parent.name
+
+
+def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path) -> None:
+    configs = _configs(cpu_repo)
+    request_inputs = _io(configs["sdxl"], "input")
+    assert request_inputs == {
+        "prompt": ("TYPE_STRING", [1]),
+        "negative_prompt": ("TYPE_STRING", [1]),
+        "height": ("TYPE_INT32", [1]),
+        "width": ("TYPE_INT32", [1]),
+        "num_inference_steps": ("TYPE_INT32", [1]),
+        "guidance_scale": ("TYPE_FP32", [1]),
+        "seed": ("TYPE_INT64", [1]),
+        "scheduler": ("TYPE_STRING", [1]),
+    }
+    # The tokenizer takes every request input (it ignores the generation options: they only let a
+    # request without a prompt reach it), so it can name a missing prompt in its error.
+    assert _io(configs["tokenizer"], "input") == request_inputs
+    assert _io(configs["tokenizer"], "output") == {
+        "input_ids": ("TYPE_INT32", [77]),
+        "input_ids_2": ("TYPE_INT32", [77]),
+        "negative_input_ids": ("TYPE_INT32", [77]),
+        "negative_input_ids_2": ("TYPE_INT32", [77]),
+        "negative_given": ("TYPE_BOOL", [1]),
+        "truncated": ("TYPE_BOOL", [1]),
+    }
+    assert _io(configs["text_encoder"], "input") == {"input_ids": ("TYPE_INT32", [77])}
+    assert _io(configs["text_encoder"], "output") == {"hidden_states": ("TYPE_FP32", [77, 32])}
+    assert _io(configs["text_encoder_2"], "output") == {
+        "hidden_states": ("TYPE_FP32", [77, 64]),
+        "text_embeds": ("TYPE_FP32", [64]),
+    }
+    assert _io(configs["vae_decoder"], "input") == {"latents": ("TYPE_FP32", [4, -1, -1])}
+    assert _io(configs["vae_decoder"], "output") == {"image": ("TYPE_UINT8", [-1, -1, 3])}
+    assert _io(configs["sdxl"], "output") == {
+        "image": ("TYPE_UINT8", [-1, -1, 3]),
+        "used_seed": ("TYPE_INT64", [1]),
+        "truncated": ("TYPE_BOOL", [1]),
+    }
+    ensemble_inputs = {
+        t.get("name"): str(t.get("optional", "false")) for t in configs["sdxl"].get_all("input")
+    }
+    # All optional, `prompt` too: a missing prompt must reach the tokenizer, which names it in an
+    # INVALID_ARG error (tritonserver 2.51's ensemble only reports an unnamed deadlock).
+    names = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
+    assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler"), "true")
+    assert str(configs["tokenizer"].get_all("input")[0].get("optional")) == "true"
+    assert check_ensemble(configs["sdxl"], configs) == []
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, "tokenizer"):
+        assert configs[name].get("backend") == "python" and not configs[name].has("platform")
+
+
+def test_unet_stage_gets_its_parameters_and_a_diffusers_directory(cpu_repo: Path) -> None:
+    config = _configs(cpu_repo)["unet"]
+    params = pbtxt.parameters(config)
+    assert params["model_directory"] == "model"
+    assert params["ranks"] == "2" and params["gpus"] == ""
+    assert params["mode"] == "full_sync" and params["warmup_steps"] == "2"
+    assert params["split_batch"] == "false" and params["dtype"] == "fp32" and params["device"] == "cpu"
+    assert params["max_width"] == "512" and params["max_height"] == "512"
+    (group,) = config.get_all("instance_group")
+    assert group.get("kind") == "KIND_MODEL" and group.get("count") == 1
+
+    model = cpu_repo / "unet" / "1" / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["scheduler"][0] == "diffusers"
+    assert index["vae"] == [None, None] and index["text_encoder_2"] == [None, None]
+    from diffusers import DiffusionPipeline
+
+    # As the UNet stage loads it: the other components are served by other models.
+    skipped = dict.fromkeys(("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"))
+    loaded = DiffusionPipeline.from_pretrained(model, **skipped)
+    assert loaded.unet is not None and loaded.text_encoder is None and loaded.vae is None
+
+
+def test_manifest_records_the_checks(cpu_repo: Path) -> None:
+    manifest = json.loads((cpu_repo / "build_manifest.json").read_text())
+    assert manifest["target"] == "cpu" and manifest["max_batch_size"] == 3
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
+        check = manifest["stages"][name]["onnx_check"]
+        assert all(err <= check["limit"][out] for out, err in check["max_abs_error"].items())
+    assert manifest["stages"]["unet"]["parameters"]["ranks"] == "2"
+
+
+# --- the GPU target ---------------------------------------------------------------------------------
+
+
+def test_gpu_target_fails_clearly_without_tensorrt(tiny_sdxl_dir: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "repo"
+    code = main(["--model", str(tiny_sdxl_dir), "--output", str(output), "--target", "gpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "the TensorRT Python module `tensorrt` cannot be imported" in err
+    assert "no NVIDIA GPU is visible" in err
+    assert "--target cpu" in err
+    assert not output.exists()
+
+
+def test_preflight_names_only_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.99.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(trt_build.TensorRTUnavailable) as raised:
+        trt_build.preflight()
+    assert "tensorrt` cannot be imported" not in str(raised.value)
+    assert "no NVIDIA GPU is visible" in str(raised.value)
+
+
+def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
+    from distrifusion.export import text_encoder_2_spec, text_encoder_spec, vae_decoder_spec
+
+    specs = {
+        TEXT_ENCODER: text_encoder_spec(77, 768),
+        TEXT_ENCODER_2: text_encoder_2_spec(77, 1280, 1280),
+        VAE_DECODER: vae_decoder_spec(4),
+    }
+    configs = {
+        name: stage_config(load_template(TEMPLATES_DIR, name), spec, 4, "tensorrt_plan", "KIND_GPU")
+        for name, spec in specs.items()
+    }
+    configs["tokenizer"] = stage_config(
+        load_template(TEMPLATES_DIR, "tokenizer"), tokenizer_spec(77), 4, None, "KIND_CPU"
+    )
+    params = {"gpus": "0,1;2,3", "ranks": "2", "device": "cuda", "dtype": "fp16"}
+    configs["unet"] = unet_config(load_template(TEMPLATES_DIR, "unet"), 4, params, 2, (2048, 1536))
+    configs["sdxl"] = load_template(TEMPLATES_DIR, "sdxl")
+    assert check_ensemble(configs["sdxl"], configs) == []
+    for name in specs:
+        assert configs[name].get("platform") == "tensorrt_plan" and not configs[name].has("backend")
+        assert configs[name].get_all("instance_group")[0].get("kind") == "KIND_GPU"
+        assert pbtxt.validate_model_config(configs[name]) == []
+    assert _io(configs[TEXT_ENCODER_2], "output")["hidden_states"] == ("TYPE_FP32", [77, 1280])
+    unet_params = pbtxt.parameters(configs["unet"])
+    assert unet_params["gpus"] == "0,1;2,3" and unet_params["max_width"] == "2048"
+    assert unet_params["max_height"] == "1536"
+    assert configs["unet"].get_all("instance_group")[0].get("count") == 2
+
+
+def test_tensorrt_profiles_span_the_requested_batches_and_sizes() -> None:
+    from distrifusion.export import text_encoder_spec, vae_decoder_spec
+
+    profile = trt_build.encoder_profile(text_encoder_spec(77, 768), [1, 2, 4])
+    assert profile.shapes == {"input_ids": ((1, 77), (1, 77), (4, 77))}
+    profile = trt_build.vae_profile(vae_decoder_spec(4), [1, 2], [(1024, 1024), (2048, 1536)], 8)
+    assert profile.shapes == {"latents": ((1, 4, 128, 128), (1, 4, 128, 128), (2, 4, 192, 256))}
+    assert trt_build.stage_precision(TEXT_ENCODER) and not trt_build.stage_precision(VAE_DECODER)
+
+
+# --- consistency checks and arguments ---------------------------------------------------------------
+
+
+def _template_configs() -> dict[str, pbtxt.Message]:
+    from distrifusion.export import text_encoder_2_spec, text_encoder_spec, vae_decoder_spec
+
+    specs = {
+        TEXT_ENCODER: text_encoder_spec(77, 32),
+        TEXT_ENCODER_2: text_encoder_2_spec(77, 64, 64),
+        VAE_DECODER: vae_decoder_spec(4),
+        "tokenizer": tokenizer_spec(77),
+    }
+    configs = {
+        name: stage_config(load_template(TEMPLATES_DIR, name), spec, 4, None, "KIND_CPU")
+        for name, spec in specs.items()
+    }
+    configs["unet"] = load_template(TEMPLATES_DIR, "unet")
+    configs["sdxl"] = load_template(TEMPLATES_DIR, "sdxl")
+    return configs
+
+
+def test_check_ensemble_finds_inconsistencies() -> None:
+    configs = _template_configs()
+    assert check_ensemble(configs["sdxl"], configs) == []
+
+    def errors_after(edit) -> list[str]:
+        changed = pbtxt.parse(pbtxt.dumps(configs["sdxl"]))
+        models = {**configs, "sdxl": changed}
+        edit(changed, models)
+        return check_ensemble(changed, models)
+
+    def seed_output_named_seed(msg, _):
+        # An ensemble output named like a request input is that input (Triton then hangs).
+        for out in msg.get_all("output"):
+            if out.get("name") == "used_seed":
+                out.set("name", "seed")
+        for step in msg.get("ensemble_scheduling").get_all("step"):
+            for m in step.get_all("output_map"):
+                if m.get("value") == "used_seed":
+                    m.set("value", "seed")
+
+    assert any("'seed' is already produced by the request" in e for e in errors_after(seed_output_named_seed))
+
+    def wrong_dtype(_, models):
+        models["text_encoder"] = pbtxt.parse(pbtxt.dumps(models["text_encoder"]))
+        models["text_encoder"].get_all("input")[0].set("data_type", pbtxt.Ident("TYPE_INT64"))
+
+    assert any("is TYPE_INT64" in e for e in errors_after(wrong_dtype))
+
+    def wrong_dims(_, models):
+        models["vae_decoder"] = pbtxt.parse(pbtxt.dumps(models["vae_decoder"]))
+        models["vae_decoder"].get_all("input")[0].set("dims", [8, -1, -1])
+
+    assert any("has dims [8, -1, -1]" in e for e in errors_after(wrong_dims))
+
+    def small_batch(_, models):
+        models["unet"] = pbtxt.parse(pbtxt.dumps(models["unet"]))
+        models["unet"].set("max_batch_size", 1)
+
+    assert any("allows batch 1" in e for e in errors_after(small_batch))
+
+    def unused_input(msg, _):
+        msg.add("input", pbtxt.tensor("extra", "TYPE_INT32", [1], optional=True))
+
+    assert any("'extra' is not used" in e for e in errors_after(unused_input))
+
+    def required_from_optional(_, models):
+        # `prompt` is optional in the ensemble so that the tokenizer can reject its absence.
+        models["tokenizer"] = pbtxt.parse(pbtxt.dumps(models["tokenizer"]))
+        models["tokenizer"].get_all("input")[0].remove("optional")
+
+    assert any("required input 'prompt'" in e for e in errors_after(required_from_optional))
+
+    def missing_model(_, models):
+        del models["unet"]
+
+    assert any("no model 'unet'" in e for e in errors_after(missing_model))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "cpu", "--unet-gpus", "0,1"], "--unet-gpus"),
+        (["--target", "cpu", "--resolutions", "1000x1000"], "not multiples of 32"),
+        (["--target", "cpu", "--resolutions", "1024"], "WIDTHxHEIGHT"),
+        (["--target", "cpu", "--split-batch", "--unet-ranks", "3"], "--split-batch"),
+        (["--target", "cpu", "--mode", "warp"], "mode"),
+        (["--target", "cpu", "--batch-sizes", "0"], "--batch-sizes"),
+        (["--target", "cpu", "--max-resolution", "512x512", "--resolutions", "1024x1024"], "exceed"),
+    ],
+)
+def test_bad_arguments_exit_2(tiny_sdxl_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
+    code = main(["--model", str(tiny_sdxl_dir), "--output", str(tmp_path / "repo"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_existing_output_needs_force(tiny_sdxl_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "keep").write_text("x")
+    code = main(["--model", str(tiny_sdxl_dir), "--output", str(tmp_path / "repo"), "--target", "cpu"])
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "repo" / "keep").read_text() == "x"
+
+
+def test_unet_weight_variant_is_copied_under_the_default_names(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text("{}")
+    index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    index |= {"scheduler": ["diffusers", "EulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"]}
+    (model / "model_index.json").write_text(json.dumps(index))
+    (model / "unet" / "config.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_text("fp32")
+    for shard in (1, 2):
+        (model / "unet" / f"diffusion_pytorch_model.fp16-0000{shard}-of-00002.safetensors").write_text("16")
+    weight_map = {"a": "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"}
+    (model / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    dest = tmp_path / "dest"
+    copy_unet_model(model, dest, variant="fp16")
+    names = sorted(p.name for p in (dest / "unet").iterdir())
+    assert "diffusion_pytorch_model-00001-of-00002.safetensors" in names
+    assert "diffusion_pytorch_model.safetensors" not in names  # the fp32 file is not copied
+    copied_index = json.loads((dest / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert copied_index["weight_map"] == {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}
+    assert json.loads((dest / "model_index.json").read_text())["vae"] == [None, None]
+    plain = tmp_path / "plain"
+    copy_unet_model(model, plain)
+    assert (plain / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "fp32"
+
+
+def test_pbtxt_round_trip_of_every_template() -> None:
+    for path in TEMPLATES_DIR.glob("*/config.pbtxt"):
+        parsed = pbtxt.parse(path.read_text())
+        assert pbtxt.parse(pbtxt.dumps(parsed)) == parsed, path
+        assert pbtxt.validate_model_config(parsed) == [], path
+    text = 'name: "a\\"b\\n\\303\\251" max_batch_size: -1 dims: [ 1, -1 ] x: 1.5e3 # comment'
+    msg = pbtxt.parse(text)
+    assert msg.get("name") == 'a"b\né' and msg.get("max_batch_size") == -1
+    assert msg.get_all("dims") == [1, -1] and msg.get("x") == 1500.0
+    assert pbtxt.parse(pbtxt.dumps(msg)) == msg
+    with pytest.raises(pbtxt.PbtxtError):
+        pbtxt.parse("input [ { name: 'x' }")
+    assert any(
+        "unknown field" in e
+        for e in pbtxt.validate_model_config(pbtxt.parse('name: "m" backend: "python" bogus: 1'))
+    )

@@ -1,0 +1,271 @@
+"""End to end: the CPU model repository served by a real tritonserver, called over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from distrifusion.launch import free_port, spawn_local
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "clients"))
+from sdxl_client import build_inputs, generate  # noqa: E402
+
+SMALL = {"height": 128, "width": 128, "num_inference_steps": 4}
+RANKS = 2
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("repository") / "model_repository"
+    command = [sys.executable, "-m", "build_engines", "--model", str(tiny_sdxl_dir), "--output", str(output)]
+    command += ["--target", "cpu", "--unet-ranks", str(RANKS), "--max-resolution", "512x512"]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=600)
+    return output
+
+
+def _descendants(pid: int) -> set[int]:
+    found, pending = set(), [pid]
+    while pending:
+        current = pending.pop()
+        children = Path(f"/proc/{current}/task/{current}/children")
+        if children.exists():
+            for child in map(int, children.read_text().split()):
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+class Server:
+    def __init__(self, repository: Path) -> None:
+        self.ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+        self.http = f"127.0.0.1:{self.ports['HTTP_PORT']}"
+        self.grpc = f"127.0.0.1:{self.ports['GRPC_PORT']}"
+        self.log = repository.parent / "server.log"
+        env = {**os.environ, **{name: str(port) for name, port in self.ports.items()}}
+        self.process = subprocess.Popen(
+            [str(ROOT / "scripts" / "triton_server.sh"), str(repository)],
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, seconds: float = 300) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"tritonserver not ready after {seconds} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> set[int]:
+        """Stops the server the way an orchestrator does (SIGTERM); returns processes left behind."""
+        tree = _descendants(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            left = {pid for pid in tree if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"}
+            if not left:
+                break
+            time.sleep(0.5)
+        return left
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[Server]:
+    running = Server(repository)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.stop()
+
+
+def test_ready_and_metadata(server: Server) -> None:
+    client = httpclient.InferenceServerClient(server.http)
+    assert client.is_server_live() and client.is_server_ready()
+    for model in ("sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        assert client.is_model_ready(model), model
+    metadata = grpcclient.InferenceServerClient(server.grpc).get_model_metadata("sdxl", as_json=True)
+    inputs = {entry["name"]: entry["datatype"] for entry in metadata["inputs"]}
+    assert inputs == {
+        "prompt": "BYTES",
+        "negative_prompt": "BYTES",
+        "height": "INT32",
+        "width": "INT32",
+        "num_inference_steps": "INT32",
+        "guidance_scale": "FP32",
+        "seed": "INT64",
+        "scheduler": "BYTES",
+    }
+    assert {entry["name"] for entry in metadata["outputs"]} == {"image", "used_seed", "truncated"}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_generation_over_both_protocols(server: Server, protocol: str) -> None:
+    url = server.grpc if protocol == "grpc" else server.http
+    result = generate(url, protocol, prompts=["a lighthouse at dawn"], seeds=[3], height=128, width=192,
+                      num_inference_steps=4)  # fmt: skip
+    images = result["images"]
+    assert images.dtype == np.uint8 and images.shape == (1, 128, 192, 3)
+    assert result["seeds"] == [3] and result["truncated"] == [False]
+    assert images.std() > 0
+
+
+def test_same_seed_same_image_other_seed_other_image(server: Server) -> None:
+    first = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
+    again = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
+    other = generate(server.grpc, prompts=["a red fox"], seeds=[6], **SMALL)["images"]
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_missing_seed_is_drawn_and_reported(server: Server) -> None:
+    result = generate(server.grpc, prompts=["a red fox"], **SMALL)
+    (seed,) = result["seeds"]
+    again = generate(server.grpc, prompts=["a red fox"], seeds=[seed], **SMALL)
+    assert np.array_equal(result["images"], again["images"])
+
+
+def test_served_image_equals_the_in_process_engine(server: Server, tiny_sdxl_dir: Path) -> None:
+    from distributed_cases import generate_cases
+
+    request = {"prompt": "a lighthouse at dawn", "negative_prompt": "fog", "seed": 9, **SMALL}
+    served = generate(server.grpc, prompts=[request["prompt"]], negative_prompts=[request["negative_prompt"]],
+                      seeds=[9], **SMALL)["images"]  # fmt: skip
+    case = {
+        "config": {"mode": "corrected_async_gn", "warmup_steps": 4},
+        "call": {**request, "output_type": "np"},
+    }
+    (in_process,) = spawn_local(generate_cases, RANKS, (str(tiny_sdxl_dir), [case]), threads_per_rank=1)
+    expected = (np.asarray(in_process) * 255).round().astype(np.int16)
+    difference = np.abs(served.astype(np.int16) - expected)
+    assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
+
+
+def test_batched_request_and_concurrent_requests(server: Server) -> None:
+    batch = generate(server.grpc, prompts=["a red fox", "a blue bird"], seeds=[1, 2], **SMALL)
+    assert batch["images"].shape == (2, 128, 128, 3) and batch["seeds"] == [1, 2]
+    single = generate(server.grpc, prompts=["a blue bird"], seeds=[2], **SMALL)["images"][0]
+    assert np.abs(batch["images"][1].astype(int) - single.astype(int)).max() <= 2
+
+    client = grpcclient.InferenceServerClient(server.grpc)
+    results: queue.Queue = queue.Queue()
+    for seed in (11, 12, 13):
+        inputs = build_inputs(grpcclient, ["a green field"], seeds=[seed], **SMALL)
+        client.async_infer("sdxl", inputs, callback=lambda result, error: results.put((result, error)))
+    for _ in range(3):
+        result, error = results.get(timeout=300)
+        assert error is None, error
+        assert result.as_numpy("image").shape == (1, 128, 128, 3)
+
+
+BAD_REQUESTS = {
+    "missing prompt": ({"prompt": None}, "prompt"),
+    "empty prompt": ({"prompt": [b""]}, "prompt"),
+    "height not a multiple of 8": ({"height": 130}, "height"),
+    "height beyond the built range": ({"height": 1024}, "height"),
+    "zero steps": ({"num_inference_steps": 0}, "num_inference_steps"),
+    "absurd steps": ({"num_inference_steps": 100000}, "num_inference_steps"),
+    "NaN guidance": ({"guidance_scale": float("nan")}, "guidance_scale"),
+    "negative guidance": ({"guidance_scale": -2.0}, "guidance_scale"),
+    "unknown scheduler": ({"scheduler": [b"warp_drive"]}, "scheduler"),
+    "non-UTF-8 prompt": ({"prompt": [b"\xff\xfe bad"]}, "prompt"),
+}
+
+
+def _raw_inputs(fields: dict) -> list:
+    values = {"prompt": [b"a red fox"], "height": 128, "width": 128, "num_inference_steps": 2, **fields}
+    inputs = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ("prompt", "scheduler"):
+            array, datatype = np.array(value, dtype=np.object_).reshape(1, 1), "BYTES"
+        elif name == "guidance_scale":
+            array, datatype = np.array([[value]], dtype=np.float32), "FP32"
+        else:
+            array, datatype = np.array([[value]], dtype=np.int32), "INT32"
+        infer_input = grpcclient.InferInput(name, list(array.shape), datatype)
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_input_is_named_and_the_server_keeps_serving(server: Server, case: str) -> None:
+    fields, field = BAD_REQUESTS[case]
+    client = grpcclient.InferenceServerClient(server.grpc)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("sdxl", _raw_inputs(fields))
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value
+    assert field in raised.value.message()
+    assert generate(server.grpc, prompts=["a red fox"], seeds=[1], height=128, width=128,
+                    num_inference_steps=1)["images"].shape == (1, 128, 128, 3)  # fmt: skip
+
+
+def test_wrong_dtype_and_shape_are_rejected_over_http(server: Server) -> None:
+    client = httpclient.InferenceServerClient(server.http)
+    prompt = httpclient.InferInput("prompt", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[b"a red fox"]], dtype=np.object_))
+    wrong_dtype = httpclient.InferInput("height", [1, 1], "FP32")
+    wrong_dtype.set_data_from_numpy(np.array([[128.0]], dtype=np.float32))
+    wrong_shape = httpclient.InferInput("width", [1, 2], "INT32")
+    wrong_shape.set_data_from_numpy(np.array([[128, 128]], dtype=np.int32))
+    for bad in (wrong_dtype, wrong_shape):
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("sdxl", [prompt, bad])
+        assert raised.value.status() == "400", raised.value
+        assert bad.name() in raised.value.message()
+
+
+def test_cancelled_request_frees_the_model(server: Server) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc)
+    done: queue.Queue = queue.Queue()
+    long_request = build_inputs(
+        grpcclient, ["a long one"], seeds=[1], height=512, width=512, num_inference_steps=200
+    )
+    future = client.async_infer("sdxl", long_request, callback=lambda result, error: done.put(error))
+    time.sleep(3)
+    future.cancel()
+    error = done.get(timeout=60)
+    assert error is not None and "CANCELLED" in str(error.status())
+    started = time.monotonic()
+    result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)
+    assert result["images"].shape == (1, 128, 128, 3)
+    assert time.monotonic() - started < 60, "the cancelled request kept the UNet busy"
+
+
+def test_stopping_the_server_leaves_no_worker_behind(repository: Path, server: Server) -> None:
+    # Runs last in this module: stops the shared server.
+    assert _descendants(server.process.pid), "expected the stub and its worker ranks"
+    assert server.stop() == set()
