@@ -163,14 +163,30 @@ def denoise_request(requests: list[StageRequest], force_zeros_for_empty_prompt: 
     )
 
 
+def _integer(parameters: Mapping[str, str], name: str, default: int) -> int:
+    value = parameters.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ConfigError(f"{name}: must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _boolean(parameters: Mapping[str, str], name: str) -> bool:
+    value = parameters.get(name, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise ConfigError(f"{name}: must be 'true' or 'false', got {value!r}")
+    return value == "true"
+
+
 def instance_ranks(parameters: Mapping[str, str], instance_name: str) -> tuple[int, list[int] | None]:
     """(ranks, GPU list) of this instance from the ``gpus`` ("0,1;2,3") or ``ranks`` parameter."""
     gpus = parameters.get("gpus", "").strip()
     if not gpus:
-        ranks = parameters.get("ranks", "2")
-        if not ranks.isdigit() or int(ranks) < 1:
-            raise ConfigError(f"ranks: must be a positive integer, got {ranks!r}")
-        return int(ranks), None
+        ranks = _integer(parameters, "ranks", 2)
+        if ranks < 1:
+            raise ConfigError(f"ranks: must be a positive integer, got {ranks}")
+        return ranks, None
     groups = [group.strip() for group in gpus.split(";")]
     parsed: list[list[int]] = []
     for group in groups:
@@ -209,21 +225,21 @@ class UNetStage:
         ranks, gpus = instance_ranks(parameters, instance_name)
         config = DistriConfig(
             mode=parameters.get("mode", "corrected_async_gn"),
-            warmup_steps=int(parameters.get("warmup_steps", "4")),
-            split_batch=parameters.get("split_batch", "false").lower() == "true",
+            warmup_steps=_integer(parameters, "warmup_steps", 4),
+            split_batch=_boolean(parameters, "split_batch"),
             dtype=parameters.get("dtype", "fp16" if gpus else "fp32"),
             device="cuda" if gpus else "cpu",
-            cuda_graphs=parameters.get("cuda_graphs", "false").lower() == "true",
+            cuda_graphs=_boolean(parameters, "cuda_graphs"),
         )
         model_directory = os.path.join(version_directory, parameters.get("model_directory", "model"))
-        threads = parameters.get("threads_per_rank")
-        group = UNetGroup(model_directory, config, ranks, gpus, int(threads) if threads else None)
+        threads = _integer(parameters, "threads_per_rank", 0) or None
+        group = UNetGroup(model_directory, config, ranks, gpus, threads)
         force_zeros = bool(group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True))
         return cls(
             group,
             force_zeros,
-            int(parameters.get("max_height", "4096")),
-            int(parameters.get("max_width", "4096")),
+            _integer(parameters, "max_height", 4096),
+            _integer(parameters, "max_width", 4096),
         )
 
     def run(
