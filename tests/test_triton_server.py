@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -263,6 +264,45 @@ def test_cancelled_request_frees_the_model(server: Server) -> None:
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)
     assert result["images"].shape == (1, 128, 128, 3)
     assert time.monotonic() - started < 60, "the cancelled request kept the UNet busy"
+
+
+def _scrape(server: Server) -> dict[tuple[str, frozenset], float]:
+    url = f"http://127.0.0.1:{server.ports['METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(value for (metric, found), value in samples.items() if metric == name and wanted <= found)
+
+
+def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
+    before = _scrape(server)
+    generate(server.grpc, prompts=["a red fox"], seeds=[1], height=128, width=128, num_inference_steps=8)
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(server.grpc).infer("sdxl", _raw_inputs({"height": 130}))
+    after = _scrape(server)
+
+    def added(name: str, **labels: str) -> float:
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    # 8 steps with warmup_steps 4: steps 0..4 synchronous, 5..7 asynchronous
+    assert added("distrifusion_unet_steps_total", phase="warmup") == 5
+    assert added("distrifusion_unet_steps_total", phase="async") == 3
+    assert added("distrifusion_unet_step_seconds_count") == 8
+    assert added("distrifusion_unet_step_seconds_sum") > 0
+    assert added("distrifusion_unet_communication_wait_seconds_count", phase="async") == 3
+    assert added("distrifusion_images_total") == 1
+    assert added("distrifusion_failures_total", kind="invalid_argument") == 1
+    assert _total(after, "distrifusion_live_ranks", model="unet") == RANKS
 
 
 def test_stopping_the_server_leaves_no_worker_behind(repository: Path, server: Server) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, DistriConfig
+from ..unet import StepRecord
 from .unet_group import DenoiseRequest, UNetGroup
 
 ENCODER_INPUTS = (
@@ -216,6 +217,7 @@ class UNetStage:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.max_height = max_height
         self.max_width = max_width
+        self._steps: list[StepRecord] = []
 
     @classmethod
     def from_parameters(
@@ -274,6 +276,7 @@ class UNetStage:
             denoise_request(requests, self.force_zeros_for_empty_prompt),
             should_stop=lambda: all(is_cancelled() for is_cancelled in cancelled),
         )
+        self._steps.extend(self.group.pipeline.unet.steps)
         if result.interrupted:
             return [Cancelled("request cancelled")] * len(requests)
         outputs: list[StageResult | Exception] = []
@@ -284,6 +287,11 @@ class UNetStage:
             outputs.append(StageResult(latents=result.latents[start:end].numpy().copy(), seeds=seeds))
             start = end
         return outputs
+
+    def take_steps(self) -> list[StepRecord]:
+        """The UNet steps run since the last call (for metrics)."""
+        steps, self._steps = self._steps, []
+        return steps
 
     @property
     def ready(self) -> bool:
