@@ -24,6 +24,9 @@ from typing import Any
 
 from distrifusion.export import StageSpec, TensorSpec
 from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
+from distrifusion.serving.unet_stage import OPTIONAL_INPUTS as UNET_OPTIONAL_INPUTS
+from distrifusion.serving.unet_stage import OUTPUTS as UNET_OUTPUTS
+from distrifusion.serving.unet_stage import REQUIRED_INPUTS as UNET_REQUIRED_INPUTS
 
 from .pbtxt import Ident, Message, parse, set_parameters, tensor, validate_model_config
 
@@ -43,19 +46,6 @@ TRITON_TYPES = {
     "float32": "TYPE_FP32",
     "bytes": "TYPE_STRING",
 }
-
-# The UNet stage's contract (its config is written by the UNet stage's owner; checked here).
-UNET_REQUIRED_INPUTS = (
-    "hidden_states_1",
-    "hidden_states_2",
-    "text_embeds",
-    "negative_hidden_states_1",
-    "negative_hidden_states_2",
-    "negative_text_embeds",
-    "negative_given",
-)
-UNET_OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
-UNET_OUTPUTS = ("latents", "seed")
 
 
 class RepositoryError(RuntimeError):

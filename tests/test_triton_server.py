@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from processes import descendants, still_running_after
 from tritonclient.utils import InferenceServerException
 
 from distrifusion.launch import free_port, spawn_local
@@ -36,18 +37,6 @@ def repository(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     command += ["--target", "cpu", "--unet-ranks", str(RANKS), "--max-resolution", "512x512"]
     subprocess.run(command, check=True, cwd=ROOT, timeout=600)
     return output
-
-
-def _descendants(pid: int) -> set[int]:
-    found, pending = set(), [pid]
-    while pending:
-        current = pending.pop()
-        children = Path(f"/proc/{current}/task/{current}/children")
-        if children.exists():
-            for child in map(int, children.read_text().split()):
-                found.add(child)
-                pending.append(child)
-    return found
 
 
 class Server:
@@ -81,23 +70,10 @@ class Server:
 
     def stop(self) -> set[int]:
         """Stops the server the way an orchestrator does (SIGTERM); returns processes left behind."""
-        tree = _descendants(self.process.pid)
+        tree = descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            left = {pid for pid in tree if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"}
-            if not left:
-                break
-            time.sleep(0.5)
-        return left
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "Z"
+        return still_running_after(tree, seconds=15)
 
 
 @pytest.fixture(scope="module")
@@ -307,5 +283,5 @@ def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
 
 def test_stopping_the_server_leaves_no_worker_behind(repository: Path, server: Server) -> None:
     # Runs last in this module: stops the shared server.
-    assert _descendants(server.process.pid), "expected the stub and its worker ranks"
+    assert descendants(server.process.pid), "expected the stub and its worker ranks"
     assert server.stop() == set()

@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from processes import descendants, still_running_after
 
 from distrifusion.config import ConfigError, DistriConfig
 from distrifusion.serving.unet_group import DenoiseRequest, UNetGroup
@@ -77,28 +77,6 @@ def test_invalid_request_is_named_and_the_group_keeps_serving(group: UNetGroup, 
     assert not group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=1)).interrupted
 
 
-def _child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in children.read_text().split()] if children.exists() else []
-
-
-def _wait_until_gone(pids: list[int], seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
-        if not alive:
-            return []
-        time.sleep(0.2)
-    return alive
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "Z"
-
-
 def test_workers_exit_when_their_parent_is_killed(tiny_sdxl_dir: Path) -> None:
     script = textwrap.dedent(f"""
         import time
@@ -111,11 +89,11 @@ def test_workers_exit_when_their_parent_is_killed(tiny_sdxl_dir: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline().strip() == "ready"
-        children = _child_pids(parent.pid)  # the two worker ranks (and multiprocessing's helpers)
+        children = descendants(parent.pid)  # the two worker ranks (and multiprocessing's helpers)
         assert len(children) >= 2
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        assert _wait_until_gone(children, seconds=15) == []
+        assert still_running_after(children, seconds=15) == set()
     finally:
         if parent.poll() is None:
             parent.kill()

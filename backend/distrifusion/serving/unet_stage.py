@@ -28,16 +28,10 @@ ENCODER_INPUTS = (
     "negative_hidden_states_2",
     "negative_text_embeds",
 )
-INPUTS = (
-    *ENCODER_INPUTS,
-    "negative_given",
-    "height",
-    "width",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "scheduler",
-)
+REQUIRED_INPUTS = (*ENCODER_INPUTS, "negative_given")
+OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
+INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS)
+OUTPUTS = ("latents", "seed")
 DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 30, "guidance_scale": 5.0}
 
 
@@ -98,7 +92,7 @@ def _text(value: Any, name: str) -> str:
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], max_height: int, max_width: int) -> StageRequest:
     """Checks one request's tensors; raises ConfigError naming the first bad field."""
-    for name in (*ENCODER_INPUTS, "negative_given"):
+    for name in REQUIRED_INPUTS:
         if inputs.get(name) is None:
             raise ConfigError(f"{name}: required input is missing")
     encodings = {name: np.asarray(inputs[name], dtype=np.float32) for name in ENCODER_INPUTS}
