@@ -18,17 +18,18 @@ import copy
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
 from distrifusion.export import StageSpec, TensorSpec
 from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
 from distrifusion.serving.unet_stage import OPTIONAL_INPUTS as UNET_OPTIONAL_INPUTS
 from distrifusion.serving.unet_stage import OUTPUTS as UNET_OUTPUTS
 from distrifusion.serving.unet_stage import REQUIRED_INPUTS as UNET_REQUIRED_INPUTS
-
-from .pbtxt import Ident, Message, parse, set_parameters, tensor, validate_model_config
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_repository"
 ENSEMBLE = "sdxl"
@@ -75,35 +76,71 @@ def tokenizer_spec(max_length: int) -> StageSpec:
     return StageSpec(TOKENIZER, inputs=inputs + REQUEST_OPTIONS, outputs=outputs)
 
 
-def load_template(templates: Path, name: str) -> Message:
+def parse_config(text: str) -> ModelConfig:
+    """A ``config.pbtxt`` text as Triton's ``ModelConfig`` message (its compiled schema from tritonclient).
+
+    protobuf's text-format parser checks the text against that schema: an unknown field, a value
+    of the wrong kind, an unknown enum name or a non-repeated field given twice raises
+    ``text_format.ParseError`` (line:column and the reason in its message).
+    """
+    return text_format.Parse(text, ModelConfig())
+
+
+def format_config(msg: ModelConfig, header: str = "") -> str:
+    """``msg`` in text format, after ``header`` written as ``#`` comment lines."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return comments + text_format.MessageToString(msg)
+
+
+def validate_config(msg: ModelConfig) -> list[str]:
+    """What Triton requires of a config beyond its schema (empty when valid): a name, a platform or
+    backend, a data_type and dims for every tensor, no tensor name twice."""
+    errors: list[str] = []
+    if not msg.name:
+        errors.append("name: missing")
+    if not (msg.platform or msg.backend):
+        errors.append("neither platform nor backend is set")
+    for kind, tensors in (("input", msg.input), ("output", msg.output)):
+        for t in tensors:
+            if t.data_type == DataType.TYPE_INVALID or not t.dims:
+                errors.append(f"{kind} {t.name!r}: data_type and dims are required")
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            errors.append(f"{kind}: duplicate tensor names {names}")
+    return errors
+
+
+def parameters(msg: ModelConfig) -> dict[str, str]:
+    """The ``parameters`` map of a config as ``{key: string_value}``."""
+    return {key: value.string_value for key, value in msg.parameters.items()}
+
+
+def load_template(templates: Path, name: str) -> ModelConfig:
     path = templates / name / "config.pbtxt"
     if not path.is_file():
         raise RepositoryError(f"template {path} is missing")
     try:
-        return parse(path.read_text(encoding="utf-8"))
-    except ValueError as err:
+        return parse_config(path.read_text(encoding="utf-8"))
+    except text_format.ParseError as err:
         raise RepositoryError(f"{path}: {err}") from err
 
 
-def _dims(msg: Message) -> list[int]:
-    return [int(d) for d in msg.get_all("dims")]
+def _type(data_type: int) -> str:
+    """``TYPE_FP32`` for ``DataType.TYPE_FP32`` (the number for a value the schema does not name)."""
+    try:
+        return DataType.Name(data_type)
+    except ValueError:
+        return str(data_type)
 
 
-def _tensors(msg: Message, kind: str) -> dict[str, Message]:
-    return {t.get("name"): t for t in msg.get_all(kind)}
-
-
-def _replace_field(msg: Message, old: str, new: str, value: Any) -> None:
-    """Put ``new: value`` where ``old`` was (or at the end), removing both fields first."""
-    position = next((i for i, (k, _) in enumerate(msg.fields) if k in (old, new)), len(msg.fields))
-    kept_before = [(k, v) for k, v in msg.fields[:position] if k not in (old, new)]
-    kept_after = [(k, v) for k, v in msg.fields[position:] if k not in (old, new)]
-    msg.fields = [*kept_before, (new, value), *kept_after]
+def _tensors(tensors: Iterable[Any]) -> dict[str, Any]:
+    """``ModelInput``/``ModelOutput`` messages by name."""
+    return {t.name: t for t in tensors}
 
 
 def stage_config(
-    template: Message, spec: StageSpec, max_batch_size: int, platform: str | None, instance_kind: str
-) -> Message:
+    template: ModelConfig, spec: StageSpec, max_batch_size: int, platform: str | None, instance_kind: str
+) -> ModelConfig:
     """The served config of a stage: the template's fields, the spec's tensors, the target's backend.
 
     The template must name the same tensors with the same types as the spec (it documents them);
@@ -111,7 +148,8 @@ def stage_config(
     """
     msg = copy.deepcopy(template)
     for kind, specs in (("input", spec.inputs), ("output", spec.outputs)):
-        declared = _tensors(msg, kind)
+        tensors = getattr(msg, kind)
+        declared = _tensors(tensors)
         if list(declared) != [t.name for t in specs]:
             raise RepositoryError(
                 f"template {spec.name}: {kind}s {list(declared)} differ from the exported "
@@ -119,21 +157,28 @@ def stage_config(
             )
         new = []
         for t in specs:
-            data_type = declared[t.name].get("data_type")
+            old = declared[t.name]
+            data_type = _type(old.data_type)
             if data_type != TRITON_TYPES[t.dtype]:
                 raise RepositoryError(
                     f"template {spec.name}: {kind} {t.name} is {data_type}, the model's is {TRITON_TYPES[t.dtype]}"
                 )
-            optional = str(declared[t.name].get("optional", "false")) == "true"
-            new.append(tensor(t.name, TRITON_TYPES[t.dtype], t.dims, optional=optional))
-        msg.set(kind, new)
-    msg.set("name", spec.name)
-    msg.set("max_batch_size", max_batch_size)
+            tensor = type(old)(name=t.name, data_type=old.data_type, dims=t.dims)
+            if kind == "input":
+                tensor.optional = old.optional
+            new.append(tensor)
+        del tensors[:]
+        tensors.extend(new)
+    msg.name = spec.name
+    msg.max_batch_size = max_batch_size
     if platform is None:
-        _replace_field(msg, "platform", "backend", "python")
+        msg.ClearField("platform")
+        msg.backend = "python"
     else:
-        _replace_field(msg, "backend", "platform", platform)
-    msg.set("instance_group", [Message([("count", 1), ("kind", Ident(instance_kind))])])
+        msg.ClearField("backend")
+        msg.platform = platform
+    del msg.instance_group[:]
+    msg.instance_group.add(count=1, kind=ModelInstanceGroup.Kind.Value(instance_kind))
     return msg
 
 
@@ -158,16 +203,16 @@ def parse_gpu_groups(text: str) -> list[list[int]]:
 
 
 def unet_config(
-    template: Message,
+    template: ModelConfig,
     max_batch_size: int,
     unet_parameters: Mapping[str, str],
     instances: int,
     max_resolution: tuple[int, int] | None = None,
-) -> Message:
+) -> ModelConfig:
     """The served UNet config: the template with our parameters, instance count, batch size."""
     msg = copy.deepcopy(template)
-    inputs = _tensors(msg, "input")
-    outputs = _tensors(msg, "output")
+    inputs = _tensors(msg.input)
+    outputs = _tensors(msg.output)
     missing = [n for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS) if n not in inputs]
     missing += [f"output {n}" for n in UNET_OUTPUTS if n not in outputs]
     if missing:
@@ -177,15 +222,17 @@ def unet_config(
         # The UNet stage refuses larger sizes up front (on the gpu target, the VAE engine's
         # profile ends there).
         values["max_width"], values["max_height"] = (str(v) for v in max_resolution)
-    set_parameters(msg, values)
-    msg.set("max_batch_size", max_batch_size)
-    msg.set("instance_group", [Message([("count", instances), ("kind", Ident("KIND_MODEL"))])])
+    for key, value in values.items():
+        msg.parameters[key].string_value = value
+    msg.max_batch_size = max_batch_size
+    del msg.instance_group[:]
+    msg.instance_group.add(count=instances, kind=ModelInstanceGroup.KIND_MODEL)
     return msg
 
 
-def ensemble_config(template: Message, max_batch_size: int) -> Message:
+def ensemble_config(template: ModelConfig, max_batch_size: int) -> ModelConfig:
     msg = copy.deepcopy(template)
-    msg.set("max_batch_size", max_batch_size)
+    msg.max_batch_size = max_batch_size
     return msg
 
 
@@ -193,7 +240,7 @@ def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
     return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
 
 
-def check_ensemble(ensemble: Message, models: Mapping[str, Message]) -> list[str]:
+def check_ensemble(ensemble: ModelConfig, models: Mapping[str, ModelConfig]) -> list[str]:
     """Inconsistencies between the ensemble's steps and its composing models' configs.
 
     Every mapped tensor must exist in the model config, with one producer, the same data type
@@ -201,28 +248,27 @@ def check_ensemble(ensemble: Message, models: Mapping[str, Message]) -> list[str
     ensemble input; every composing model must allow the ensemble's batch size.
     """
     errors: list[str] = []
-    name = ensemble.get("name")
-    if ensemble.get("platform") != "ensemble":
-        errors.append(f"{name}: platform is {ensemble.get('platform')!r}, not 'ensemble'")
-    batch = int(ensemble.get("max_batch_size", 0))
+    name = ensemble.name
+    if ensemble.platform != "ensemble":
+        errors.append(f"{name}: platform is {ensemble.platform!r}, not 'ensemble'")
+    batch = ensemble.max_batch_size
     # tensor -> (producer, data_type, dims, optional)
     produced: dict[str, tuple[str, str, list[int], bool]] = {}
-    for t in ensemble.get_all("input"):
-        optional = str(t.get("optional", "false")) == "true"
-        produced[t.get("name")] = ("the request", str(t.get("data_type")), _dims(t), optional)
-    steps = ensemble.get("ensemble_scheduling", Message()).get_all("step")
+    for t in ensemble.input:
+        produced[t.name] = ("the request", _type(t.data_type), list(t.dims), t.optional)
+    steps = ensemble.ensemble_scheduling.step
     if not steps:
         errors.append(f"{name}: no ensemble_scheduling steps")
     for i, step in enumerate(steps):
-        model = step.get("model_name")
+        model = step.model_name
         where = f"step {i} ({model})"
         config = models.get(model)
         if config is None:
             errors.append(f"{where}: no model {model!r} in the repository")
             continue
-        for out_map in step.get_all("output_map"):
-            key, value = out_map.get("key"), out_map.get("value")
-            out = _tensors(config, "output").get(key)
+        outputs = _tensors(config.output)
+        for key, value in sorted(step.output_map.items()):
+            out = outputs.get(key)
             if out is None:
                 errors.append(f"{where}: {model} has no output {key!r}")
                 continue
@@ -231,20 +277,19 @@ def check_ensemble(ensemble: Message, models: Mapping[str, Message]) -> list[str
                     f"{where}: ensemble tensor {value!r} is already produced by {produced[value][0]}"
                 )
                 continue
-            produced[value] = (where, str(out.get("data_type")), _dims(out), False)
+            produced[value] = (where, _type(out.data_type), list(out.dims), False)
     for i, step in enumerate(steps):
-        model = step.get("model_name")
+        model = step.model_name
         where = f"step {i} ({model})"
         config = models.get(model)
         if config is None:
             continue
-        model_batch = int(config.get("max_batch_size", 0))
+        model_batch = config.max_batch_size
         if batch > 0 and model_batch < batch:
             errors.append(f"{where}: {model} allows batch {model_batch}, the ensemble {batch}")
-        inputs = _tensors(config, "input")
+        inputs = _tensors(config.input)
         fed = set()
-        for in_map in step.get_all("input_map"):
-            key, value = in_map.get("key"), in_map.get("value")
+        for key, value in sorted(step.input_map.items()):
             target = inputs.get(key)
             if target is None:
                 errors.append(f"{where}: {model} has no input {key!r}")
@@ -255,57 +300,57 @@ def check_ensemble(ensemble: Message, models: Mapping[str, Message]) -> list[str
                 errors.append(f"{where}: input {key!r} reads {value!r}, which nothing produces")
                 continue
             producer, data_type, dims, optional = source
-            if data_type != str(target.get("data_type")):
+            if data_type != _type(target.data_type):
                 errors.append(
-                    f"{where}: input {key!r} is {target.get('data_type')}, {value!r} from {producer} is {data_type}"
+                    f"{where}: input {key!r} is {_type(target.data_type)}, {value!r} from {producer} is {data_type}"
                 )
-            if not _compatible(dims, _dims(target)):
+            if not _compatible(dims, list(target.dims)):
                 errors.append(
-                    f"{where}: input {key!r} has dims {_dims(target)}, {value!r} from {producer} has {dims}"
+                    f"{where}: input {key!r} has dims {list(target.dims)}, {value!r} from {producer} has {dims}"
                 )
-            if optional and str(target.get("optional", "false")) != "true":
+            if optional and not target.optional:
                 errors.append(f"{where}: required input {key!r} is fed from optional request input {value!r}")
         for key, target in inputs.items():
-            if key not in fed and str(target.get("optional", "false")) != "true":
+            if key not in fed and not target.optional:
                 errors.append(f"{where}: required input {key!r} of {model} is not mapped")
-    used = {m.get("value") for step in steps for m in step.get_all("input_map")}
-    for t in ensemble.get_all("input"):
-        if t.get("name") not in used:
-            errors.append(f"{name}: request input {t.get('name')!r} is not used by any step")
-    for out in ensemble.get_all("output"):
-        out_name = out.get("name")
-        source = produced.get(out_name)
+    used = {value for step in steps for value in step.input_map.values()}
+    for t in ensemble.input:
+        if t.name not in used:
+            errors.append(f"{name}: request input {t.name!r} is not used by any step")
+    for out in ensemble.output:
+        source = produced.get(out.name)
         if source is None or source[0] == "the request":
-            errors.append(f"{name}: output {out_name!r} is not produced by any step")
+            errors.append(f"{name}: output {out.name!r} is not produced by any step")
             continue
         producer, data_type, dims, _ = source
-        if data_type != str(out.get("data_type")):
+        if data_type != _type(out.data_type):
             errors.append(
-                f"{name}: output {out_name!r} is {out.get('data_type')}, {producer} gives {data_type}"
+                f"{name}: output {out.name!r} is {_type(out.data_type)}, {producer} gives {data_type}"
             )
-        if not _compatible(dims, _dims(out)):
-            errors.append(f"{name}: output {out_name!r} has dims {_dims(out)}, {producer} gives {dims}")
+        if not _compatible(dims, list(out.dims)):
+            errors.append(f"{name}: output {out.name!r} has dims {list(out.dims)}, {producer} gives {dims}")
     return errors
 
 
-def check_repository(repo: Path) -> dict[str, Message]:
-    """Parse and validate every ``config.pbtxt`` under ``repo`` and check the ensembles; raise on errors."""
-    configs: dict[str, Message] = {}
+def check_repository(repo: Path) -> dict[str, ModelConfig]:
+    """Parse every ``config.pbtxt`` under ``repo`` against Triton's schema, validate it and check
+    the ensembles; raise on errors."""
+    configs: dict[str, ModelConfig] = {}
     errors = []
     for path in sorted(repo.glob("*/config.pbtxt")):
         try:
-            msg = parse(path.read_text(encoding="utf-8"))
-        except ValueError as err:
+            msg = parse_config(path.read_text(encoding="utf-8"))
+        except text_format.ParseError as err:
             errors.append(f"{path}: {err}")
             continue
-        errors += [f"{path}: {e}" for e in validate_model_config(msg)]
-        if msg.get("name") != path.parent.name:
-            errors.append(f"{path}: name {msg.get('name')!r} differs from its folder")
+        errors += [f"{path}: {e}" for e in validate_config(msg)]
+        if msg.name != path.parent.name:
+            errors.append(f"{path}: name {msg.name!r} differs from its folder")
         if not (path.parent / "1").is_dir():
             errors.append(f"{path.parent}: no version folder 1/")
         configs[path.parent.name] = msg
     for model, msg in configs.items():
-        if msg.get("platform") == "ensemble":
+        if msg.platform == "ensemble":
             errors += [f"{model}: {e}" for e in check_ensemble(msg, configs)]
     if errors:
         raise RepositoryError("invalid model repository:\n  " + "\n  ".join(errors))
@@ -387,13 +432,11 @@ def copy_tokenizers(model_dir: Path, dest: Path) -> None:
         shutil.copytree(source, dest / name)
 
 
-def write_config(model_dir: Path, msg: Message, header: str) -> Path:
-    from .pbtxt import dumps
-
-    errors = validate_model_config(msg)
+def write_config(model_dir: Path, msg: ModelConfig, header: str) -> Path:
+    errors = validate_config(msg)
     if errors:
         raise RepositoryError(f"{model_dir.name}: generated config is invalid: {'; '.join(errors)}")
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.pbtxt"
-    path.write_text(dumps(msg, header=header), encoding="utf-8")
+    path.write_text(format_config(msg, header=header), encoding="utf-8")
     return path

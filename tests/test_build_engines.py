@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
 from distrifusion.export import (
     TEXT_ENCODER,
@@ -29,18 +32,22 @@ from distrifusion.serving.tokenize import SDXLTokenizers, TokenizeError
 ROOT = Path(__file__).resolve().parents[1]
 # build_engines is a top-level folder of the checkout (run as `python -m build_engines`), not installed.
 sys.path.insert(0, str(ROOT))
-from build_engines import pbtxt  # noqa: E402
 from build_engines import tensorrt as trt_build  # noqa: E402
 from build_engines.build import main  # noqa: E402
 from build_engines.repository import (  # noqa: E402
     TEMPLATES_DIR,
+    RepositoryError,
     check_ensemble,
     check_repository,
     copy_unet_model,
+    format_config,
     load_template,
+    parameters,
+    parse_config,
     stage_config,
     tokenizer_spec,
     unet_config,
+    validate_config,
 )
 
 BOS, EOS = 49406, 49407
@@ -247,12 +254,17 @@ def test_large_weights_go_to_one_external_data_file(pipe, tmp_path: Path) -> Non
 # --- the CPU build ----------------------------------------------------------------------------------
 
 
-def _configs(repo: Path) -> dict[str, pbtxt.Message]:
-    return {p.parent.name: pbtxt.parse(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+def _configs(repo: Path) -> dict[str, ModelConfig]:
+    return {p.parent.name: parse_config(p.read_text()) for p in repo.glob("*/config.pbtxt")}
 
 
-def _io(config: pbtxt.Message, kind: str) -> dict[str, tuple[str, list[int]]]:
-    return {t.get("name"): (str(t.get("data_type")), list(t.get_all("dims"))) for t in config.get_all(kind)}
+def _io(config: ModelConfig, kind: str) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in getattr(config, kind)}
+
+
+def _copy(config: ModelConfig) -> ModelConfig:
+    """An independent copy, through the text format (as written and read back)."""
+    return parse_config(format_config(config))
 
 
 def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
@@ -270,14 +282,11 @@ def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None
     configs = check_repository(cpu_repo)  # schema, names, ensemble consistency
     assert set(configs) == EXPECTED_MODELS
     for name, config in configs.items():
-        assert config.get("max_batch_size") == 3, name
-        assert pbtxt.validate_model_config(config) == []
+        assert config.max_batch_size == 3, name
+        assert validate_config(config) == []
     # Triton's own schema, strictly (unknown fields or bad enum values raise).
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    from google.protobuf import text_format
-
     for path in cpu_repo.glob("*/config.pbtxt"):
-        parsed = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        parsed = text_format.Parse(path.read_text(), ModelConfig())
         assert parsed.name == path.parent.name
 
 
@@ -318,29 +327,28 @@ def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path
         "used_seed": ("TYPE_INT64", [1]),
         "truncated": ("TYPE_BOOL", [1]),
     }
-    ensemble_inputs = {
-        t.get("name"): str(t.get("optional", "false")) for t in configs["sdxl"].get_all("input")
-    }
+    ensemble_inputs = {t.name: t.optional for t in configs["sdxl"].input}
     # All optional, `prompt` too: a missing prompt must reach the tokenizer, which names it in an
     # INVALID_ARG error (tritonserver 2.51's ensemble only reports an unnamed deadlock).
     names = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
-    assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler"), "true")
-    assert str(configs["tokenizer"].get_all("input")[0].get("optional")) == "true"
+    assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler"), True)
+    assert configs["tokenizer"].input[0].name == "prompt" and configs["tokenizer"].input[0].optional
     assert check_ensemble(configs["sdxl"], configs) == []
     for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, "tokenizer"):
-        assert configs[name].get("backend") == "python" and not configs[name].has("platform")
+        assert configs[name].backend == "python" and not configs[name].platform
+        assert "platform" not in (cpu_repo / name / "config.pbtxt").read_text()
 
 
 def test_unet_stage_gets_its_parameters_and_a_diffusers_directory(cpu_repo: Path) -> None:
     config = _configs(cpu_repo)["unet"]
-    params = pbtxt.parameters(config)
+    params = parameters(config)
     assert params["model_directory"] == "model"
     assert params["ranks"] == "2" and params["gpus"] == ""
     assert params["mode"] == "full_sync" and params["warmup_steps"] == "2"
     assert params["split_batch"] == "false" and params["dtype"] == "fp32" and params["device"] == "cpu"
     assert params["max_width"] == "512" and params["max_height"] == "512"
-    (group,) = config.get_all("instance_group")
-    assert group.get("kind") == "KIND_MODEL" and group.get("count") == 1
+    (group,) = config.instance_group
+    assert group.kind == ModelInstanceGroup.KIND_MODEL and group.count == 1
 
     model = cpu_repo / "unet" / "1" / "model"
     assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "unet"]
@@ -407,14 +415,15 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
     configs["sdxl"] = load_template(TEMPLATES_DIR, "sdxl")
     assert check_ensemble(configs["sdxl"], configs) == []
     for name in specs:
-        assert configs[name].get("platform") == "tensorrt_plan" and not configs[name].has("backend")
-        assert configs[name].get_all("instance_group")[0].get("kind") == "KIND_GPU"
-        assert pbtxt.validate_model_config(configs[name]) == []
+        assert configs[name].platform == "tensorrt_plan" and not configs[name].backend
+        assert "backend" not in format_config(configs[name])
+        assert configs[name].instance_group[0].kind == ModelInstanceGroup.KIND_GPU
+        assert validate_config(configs[name]) == []
     assert _io(configs[TEXT_ENCODER_2], "output")["hidden_states"] == ("TYPE_FP32", [77, 1280])
-    unet_params = pbtxt.parameters(configs["unet"])
+    unet_params = parameters(configs["unet"])
     assert unet_params["gpus"] == "0,1;2,3" and unet_params["max_width"] == "2048"
     assert unet_params["max_height"] == "1536"
-    assert configs["unet"].get_all("instance_group")[0].get("count") == 2
+    assert configs["unet"].instance_group[0].count == 2
 
 
 def test_tensorrt_profiles_span_the_requested_batches_and_sizes() -> None:
@@ -430,7 +439,7 @@ def test_tensorrt_profiles_span_the_requested_batches_and_sizes() -> None:
 # --- consistency checks and arguments ---------------------------------------------------------------
 
 
-def _template_configs() -> dict[str, pbtxt.Message]:
+def _template_configs() -> dict[str, ModelConfig]:
     from distrifusion.export import text_encoder_2_spec, text_encoder_spec, vae_decoder_spec
 
     specs = {
@@ -453,50 +462,50 @@ def test_check_ensemble_finds_inconsistencies() -> None:
     assert check_ensemble(configs["sdxl"], configs) == []
 
     def errors_after(edit) -> list[str]:
-        changed = pbtxt.parse(pbtxt.dumps(configs["sdxl"]))
+        changed = _copy(configs["sdxl"])
         models = {**configs, "sdxl": changed}
         edit(changed, models)
         return check_ensemble(changed, models)
 
     def seed_output_named_seed(msg, _):
         # An ensemble output named like a request input is that input (Triton then hangs).
-        for out in msg.get_all("output"):
-            if out.get("name") == "used_seed":
-                out.set("name", "seed")
-        for step in msg.get("ensemble_scheduling").get_all("step"):
-            for m in step.get_all("output_map"):
-                if m.get("value") == "used_seed":
-                    m.set("value", "seed")
+        for out in msg.output:
+            if out.name == "used_seed":
+                out.name = "seed"
+        for step in msg.ensemble_scheduling.step:
+            for key, value in step.output_map.items():
+                if value == "used_seed":
+                    step.output_map[key] = "seed"
 
     assert any("'seed' is already produced by the request" in e for e in errors_after(seed_output_named_seed))
 
     def wrong_dtype(_, models):
-        models["text_encoder"] = pbtxt.parse(pbtxt.dumps(models["text_encoder"]))
-        models["text_encoder"].get_all("input")[0].set("data_type", pbtxt.Ident("TYPE_INT64"))
+        models["text_encoder"] = _copy(models["text_encoder"])
+        models["text_encoder"].input[0].data_type = DataType.TYPE_INT64
 
     assert any("is TYPE_INT64" in e for e in errors_after(wrong_dtype))
 
     def wrong_dims(_, models):
-        models["vae_decoder"] = pbtxt.parse(pbtxt.dumps(models["vae_decoder"]))
-        models["vae_decoder"].get_all("input")[0].set("dims", [8, -1, -1])
+        models["vae_decoder"] = _copy(models["vae_decoder"])
+        models["vae_decoder"].input[0].dims[:] = [8, -1, -1]
 
     assert any("has dims [8, -1, -1]" in e for e in errors_after(wrong_dims))
 
     def small_batch(_, models):
-        models["unet"] = pbtxt.parse(pbtxt.dumps(models["unet"]))
-        models["unet"].set("max_batch_size", 1)
+        models["unet"] = _copy(models["unet"])
+        models["unet"].max_batch_size = 1
 
     assert any("allows batch 1" in e for e in errors_after(small_batch))
 
     def unused_input(msg, _):
-        msg.add("input", pbtxt.tensor("extra", "TYPE_INT32", [1], optional=True))
+        msg.input.add(name="extra", data_type=DataType.TYPE_INT32, dims=[1], optional=True)
 
     assert any("'extra' is not used" in e for e in errors_after(unused_input))
 
     def required_from_optional(_, models):
         # `prompt` is optional in the ensemble so that the tokenizer can reject its absence.
-        models["tokenizer"] = pbtxt.parse(pbtxt.dumps(models["tokenizer"]))
-        models["tokenizer"].get_all("input")[0].remove("optional")
+        models["tokenizer"] = _copy(models["tokenizer"])
+        models["tokenizer"].input[0].ClearField("optional")
 
     assert any("required input 'prompt'" in e for e in errors_after(required_from_optional))
 
@@ -563,19 +572,41 @@ def test_unet_weight_variant_is_copied_under_the_default_names(tmp_path: Path) -
     assert (plain / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "fp32"
 
 
-def test_pbtxt_round_trip_of_every_template() -> None:
+def test_config_text_round_trip_of_every_template() -> None:
     for path in TEMPLATES_DIR.glob("*/config.pbtxt"):
-        parsed = pbtxt.parse(path.read_text())
-        assert pbtxt.parse(pbtxt.dumps(parsed)) == parsed, path
-        assert pbtxt.validate_model_config(parsed) == [], path
-    text = 'name: "a\\"b\\n\\303\\251" max_batch_size: -1 dims: [ 1, -1 ] x: 1.5e3 # comment'
-    msg = pbtxt.parse(text)
-    assert msg.get("name") == 'a"b\né' and msg.get("max_batch_size") == -1
-    assert msg.get_all("dims") == [1, -1] and msg.get("x") == 1500.0
-    assert pbtxt.parse(pbtxt.dumps(msg)) == msg
-    with pytest.raises(pbtxt.PbtxtError):
-        pbtxt.parse("input [ { name: 'x' }")
-    assert any(
-        "unknown field" in e
-        for e in pbtxt.validate_model_config(pbtxt.parse('name: "m" backend: "python" bogus: 1'))
+        parsed = parse_config(path.read_text())
+        assert parse_config(format_config(parsed)) == parsed, path
+        assert validate_config(parsed) == [], path
+    text = (
+        'name: "a\\"b\\n\\303\\251" max_batch_size: -1 # comment\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1, -1 ] } ]\n'
+        'sequence_batching { control_input [ { name: "c" control [ { fp32_false_true: [ 0, 1.5e3 ] } ] } ] }'
     )
+    msg = parse_config(text)
+    assert msg.name == 'a"b\né' and msg.max_batch_size == -1
+    assert list(msg.input[0].dims) == [1, -1]
+    assert list(msg.sequence_batching.control_input[0].control[0].fp32_false_true) == [0.0, 1500.0]
+    written = format_config(msg, header="first line\nsecond line")
+    assert written.startswith("# first line\n# second line\n")
+    assert parse_config(written) == msg
+    with pytest.raises(text_format.ParseError):
+        parse_config("input [ { name: 'x' }")
+    with pytest.raises(text_format.ParseError, match="bogus"):
+        parse_config('name: "m" backend: "python" bogus: 1')
+    with pytest.raises(text_format.ParseError, match="TYPE_BOGUS"):
+        parse_config('name: "m" backend: "python" input { name: "x" data_type: TYPE_BOGUS dims: 1 }')
+    missing = validate_config(
+        parse_config('input { name: "x" } input { name: "x" dims: 1 data_type: TYPE_BOOL }')
+    )
+    assert "name: missing" in missing and "neither platform nor backend is set" in missing
+    assert "input 'x': data_type and dims are required" in missing
+    assert any("duplicate tensor names" in e for e in missing)
+
+
+def test_repository_check_reports_schema_errors(cpu_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(cpu_repo / "unet", repo / "unet", ignore=shutil.ignore_patterns("model"))
+    config = repo / "unet" / "config.pbtxt"
+    config.write_text(config.read_text() + "bogus_field: 1\n")
+    with pytest.raises(RepositoryError, match="bogus_field"):
+        check_repository(repo)
