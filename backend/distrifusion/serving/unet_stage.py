@@ -245,6 +245,9 @@ class UNetStage:
         outcomes: dict[int, StageResult | Exception] = {}
         batches: dict[tuple, list[tuple[int, StageRequest]]] = {}
         for index, request_inputs in enumerate(inputs):
+            if cancelled[index]():  # cancelled while queued: no step is spent on it
+                outcomes[index] = Cancelled("request cancelled")
+                continue
             try:
                 request = parse_request(request_inputs, self.max_height, self.max_width)
                 self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
