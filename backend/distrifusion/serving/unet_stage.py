@@ -212,6 +212,7 @@ class UNetStage:
         self.max_height = max_height
         self.max_width = max_width
         self._steps: list[StepRecord] = []
+        self._server = os.getppid()
 
     @classmethod
     def from_parameters(
@@ -271,7 +272,7 @@ class UNetStage:
     ) -> list[StageResult | Exception]:
         result = self.group.denoise(
             denoise_request(requests, self.force_zeros_for_empty_prompt),
-            should_stop=lambda: all(is_cancelled() for is_cancelled in cancelled),
+            should_stop=lambda: self._server_gone() or all(is_cancelled() for is_cancelled in cancelled),
         )
         self._steps.extend(self.group.pipeline.unet.steps)
         if result.interrupted:
@@ -284,6 +285,10 @@ class UNetStage:
             outputs.append(StageResult(latents=result.latents[start:end].numpy().copy(), seeds=seeds))
             start = end
         return outputs
+
+    def _server_gone(self) -> bool:
+        # A stub whose tritonserver died would otherwise denoise to the end for nobody.
+        return os.getppid() != self._server
 
     def take_steps(self) -> list[StepRecord]:
         """The UNet steps run since the last call (for metrics)."""
