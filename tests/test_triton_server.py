@@ -266,16 +266,15 @@ def test_cancelled_unet_request_stops_between_steps(server: Server) -> None:
     cancelled = _total(after, "distrifusion_failures_total", kind="cancelled")
     assert cancelled == _total(before, "distrifusion_failures_total", kind="cancelled") + 1
     steps = _total(after, "distrifusion_unet_steps_total") - _total(before, "distrifusion_unet_steps_total")
-    assert steps <= SMALL["num_inference_steps"] + 20, (
-        f"{steps} UNet steps ran: the cancelled request was not stopped"
-    )
+    # ~30 steps run in the 5 s before the cancel on an idle 2-core machine; uncancelled it runs 1000
+    assert steps < 250, f"{steps} UNet steps ran: the cancelled request was not stopped"
 
 
 def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_serving(server: Server) -> None:
     # Triton 2.51's ensemble marks only the steps it schedules after the cancel as cancelled, not
     # the UNet step already running (triton-inference-server/server#6739): that step finishes.
     long_request = build_inputs(
-        grpcclient, ["a long one"], seeds=[1], height=256, width=256, num_inference_steps=40
+        grpcclient, ["a long one"], seeds=[1], height=512, width=512, num_inference_steps=150
     )
     _cancel_after(server, "sdxl", long_request, seconds=5)
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)
