@@ -46,18 +46,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from band_simulation import SimTopology, SimulatedBandUNet, replicated_collectives
 from diffusers import UNet2DConditionModel
 
 import distrifusion
 from distrifusion.config import ConfigError, DistriConfig, Mode
 from distrifusion.geometry import BandLayout
-from distrifusion.topology import PatchGroup
 from distrifusion.unet import DistriUNet
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers UNet2DConditionModel).
@@ -157,85 +156,6 @@ def median_seconds(timer: Timer, fn: Callable[[], Any], warmup: int, iters: int)
         fn()
     times = [timer(fn) for _ in range(iters)]
     return {"median_s": statistics.median(times), "min_s": min(times), "all_s": times}
-
-
-# --------------------------------------------------------------------------------------------------
-# The simulated band
-
-
-@dataclasses.dataclass
-class SimTopology:
-    """Stands in for distrifusion.topology.Topology: ``world`` ranks, of which this process is ``rank``."""
-
-    world: int
-    rank: int
-
-    @property
-    def can_split(self) -> bool:
-        return False
-
-    def patch_group(self, split: bool) -> PatchGroup:
-        return PatchGroup(group=None, size=self.world, band=self.rank, batch_part=None)
-
-
-class _DoneWork:
-    """What an asynchronous collective returns, already complete."""
-
-    def wait(self, timeout: Any = None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
-
-
-def _replicating_all_gather(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """All-gather into ``output`` ([world * n] flat) without peers: every slot gets this rank's data."""
-    world = output.numel() // input.numel()
-    output.view(world, -1).copy_(input.reshape(1, -1).expand(world, -1))
-    return _DoneWork() if kwargs.get("async_op") else None
-
-
-@contextlib.contextmanager
-def replicated_collectives() -> Iterator[None]:
-    """Replaces the flat all-gathers of torch.distributed by a local copy (world-1 simulation).
-
-    The engine calls them as ``dist.<name>`` at run time, so patching the module attribute reaches
-    every call site; both names are patched in case the engine moves from one to the other.
-    """
-    names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
-    saved = {n: getattr(dist, n) for n in names}
-    try:
-        for name in names:
-            setattr(dist, name, _replicating_all_gather)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
-
-
-class SimulatedBandUNet(DistriUNet):
-    """A DistriUNet that computes band ``rank`` of ``world`` bands in one process.
-
-    It relies on the engine's private structure (``_exchange``, ``_exchanges``, ``_graphs``), which is
-    what this simulation needs to override; the checks below fail loudly if that changes.
-    """
-
-    def simulate(self, world: int, rank: int) -> None:
-        """From the next step on, act as ``rank`` of ``world`` ranks (fresh exchanges and graphs)."""
-        if not 0 <= rank < world:
-            raise ValueError(f"band {rank} is not one of {world}")
-        for exchange in self._exchanges.values():
-            with replicated_collectives():
-                exchange.drain()
-        self._exchanges.clear()
-        if getattr(self, "_graphs", None) is not None:
-            # Graphs are keyed by shape and phase, not by band count: drop those of the last layout.
-            self._graphs = type(self._graphs)()
-        self.topology = SimTopology(world, rank)
-
-    def _exchange(self, group: PatchGroup, shape_key: tuple) -> Any:
-        # Key the engine's exchange cache by the simulated layout too.
-        return super()._exchange(group, (*shape_key, self.topology.world, self.topology.rank))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,6 +364,8 @@ def run(args: Args) -> dict[str, Any]:
             timer, lambda inputs=inputs, model=unet: call_unet(model, inputs), args.warmup_iters, args.iters
         )
         plain["peak_memory_gib"] = peak_memory_gib(args.device)
+        # Random fp16 weights can overflow; timings stand either way, but say so.
+        plain["output_finite"] = bool(torch.isfinite(call_unet(unet, inputs)).all())
         results[resolution] = {"resolution": resolution, "latent": resolution // 8, "plain": plain}
         print(f"  {resolution}^2 plain diffusers UNet: {plain['median_s'] * 1e3:.2f} ms/step", flush=True)
 
@@ -518,7 +440,10 @@ def run(args: Args) -> dict[str, Any]:
                 inputs = inputs_by_res[resolution]
                 graph_unet.simulate(1, 0)
                 graph_unet.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
-                call_unet(graph_unet, inputs)
+                # Past step 0 (text keys/values) and the warm-up phase, so that the steady-phase graph
+                # is captured before timing starts, not inside a timed iteration.
+                for _ in range(args.warmup_steps + 2):
+                    call_unet(graph_unet, inputs)
                 timing = median_seconds(
                     timer, lambda inputs=inputs: call_unet(graph_unet, inputs), args.warmup_iters, args.iters
                 )
@@ -704,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype_name = ns.dtype or ("fp16" if ns.device == "cuda" else "fp32")
     device = torch.device("cuda", torch.cuda.current_device()) if ns.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        # Smoke runs only; one thread keeps them from stalling when another process holds a core.
+        torch.set_num_threads(1)
     if device.type == "cuda":
         # Same setting for plain and DistriUNet; band shapes get their own autotuning in warm-up.
         torch.backends.cudnn.benchmark = True
