@@ -23,6 +23,16 @@ import torch
 import torch.distributed as dist
 
 
+def all_gather_flat(
+    output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> dist.Work | None:
+    """``output`` ([world * n] flat) receives every rank's ``input`` ([n] flat), in rank order."""
+    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; the torch of GPU images
+    # (2.11 in NGC-based ones) has only the old name. Looked up per call so tests can patch either.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group, async_op=async_op)
+
+
 @dataclasses.dataclass
 class _Batch:
     send: torch.Tensor
@@ -105,7 +115,7 @@ class Exchange:
         """Blocking all-gather; returns ``[world, *tensor.shape]`` and keeps it as the key's latest."""
         gathered = tensor.new_empty((self.world, *tensor.shape))
         started = time.perf_counter()
-        dist.all_gather_single(gathered.view(-1), tensor.reshape(-1), group=self.group)
+        all_gather_flat(gathered.view(-1), tensor.reshape(-1), group=self.group)
         self.stats.wait_seconds += time.perf_counter() - started
         self.stats.count(tensor, self.world)
         slot = self._slots.get(key)
@@ -174,9 +184,7 @@ class Exchange:
         self._launch(batch)
 
     def _launch(self, batch: _Batch) -> None:
-        batch.work = dist.all_gather_single(
-            batch.receive.view(-1), batch.send, group=self.group, async_op=True
-        )
+        batch.work = all_gather_flat(batch.receive.view(-1), batch.send, group=self.group, async_op=True)
         self.stats.count(batch.send, self.world)
 
     def _wait(self, batch: _Batch) -> None:

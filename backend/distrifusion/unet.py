@@ -14,7 +14,6 @@ import time
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
@@ -23,7 +22,7 @@ from torch import nn
 from .config import DistriConfig, Mode
 from .context import PatchContext
 from .cuda_graphs import StepGraphs
-from .exchange import Exchange, ExchangeStats
+from .exchange import Exchange, ExchangeStats, all_gather_flat
 from .geometry import BandLayout
 from .ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from .topology import PatchGroup, Topology
@@ -194,7 +193,7 @@ class DistriUNet(nn.Module):
         padded = F.pad(band, (0, 0, 0, layout.max_band_height() - band.shape[2])).contiguous()
         gathered = padded.new_empty((world, *padded.shape))
         started = time.perf_counter()
-        dist.all_gather_single(gathered.view(-1), padded.view(-1))
+        all_gather_flat(gathered.view(-1), padded.view(-1))
         self.stats.wait_seconds += time.perf_counter() - started
         self.stats.count(padded, world)
         bands = [gathered[rank, :, :, : layout.band_height(rank % group.size)] for rank in range(world)]
