@@ -113,4 +113,5 @@ class PatchGroupNorm(nn.Module):
             shift = torch.addcmul(self.norm.bias.float(), shift, weight)
             scale = scale * weight
         shape = (batch, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+        # Not torch.addcmul: with these broadcasts it is ~4x slower on the CPU (measured).
+        return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)
