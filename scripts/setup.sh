@@ -9,6 +9,9 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp_value=$(cat requirements.txt requirements-data.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 stamp_file=.venv/.setup-stamp
 
+# perf_analyzer (Triton's load generator) in its own venv; it keeps its own stamp.
+scripts/setup_perf_analyzer.sh
+
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_value" ]; then
   exit 0
 fi
