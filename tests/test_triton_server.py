@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
@@ -20,11 +19,13 @@ import tritonclient.http as httpclient
 from processes import descendants, still_running_after
 from tritonclient.utils import InferenceServerException
 
-from distrifusion.launch import free_port, spawn_local
+from distrifusion.launch import spawn_local
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clients"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from sdxl_client import build_inputs, generate  # noqa: E402
+from serving_common import CpuServer  # noqa: E402
 
 SMALL = {"height": 128, "width": 128, "num_inference_steps": 4}
 RANKS = 2
@@ -39,37 +40,14 @@ def repository(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return output
 
 
-class Server:
-    def __init__(self, repository: Path) -> None:
-        self.ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
-        self.http = f"127.0.0.1:{self.ports['HTTP_PORT']}"
-        self.grpc = f"127.0.0.1:{self.ports['GRPC_PORT']}"
-        self.log = repository.parent / "server.log"
-        env = {**os.environ, **{name: str(port) for name, port in self.ports.items()}}
-        self.process = subprocess.Popen(
-            [str(ROOT / "scripts" / "triton_server.sh"), str(repository)],
-            env=env,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+class Server(CpuServer):
+    """The CPU server the benchmarks use, stopped the way an orchestrator stops it."""
 
-    def wait_ready(self, seconds: float = 300) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"tritonserver not ready after {seconds} s:\n{self.log.read_text()[-4000:]}")
+    def __init__(self, repository: Path) -> None:
+        super().__init__(repository, repository.parent / "server.log")
 
     def stop(self) -> set[int]:
-        """Stops the server the way an orchestrator does (SIGTERM); returns processes left behind."""
+        """SIGTERM, as an orchestrator sends it; returns the processes left behind."""
         tree = descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
