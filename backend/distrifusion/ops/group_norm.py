@@ -8,7 +8,7 @@ own exact statistics.
 
 The arithmetic on the moments is written as few whole-tensor operations: it runs once per GroupNorm
 layer per step (about 90 layers in SDXL), so every extra operation is ~90 more small GPU kernels a
-step, which dominate a step's fixed cost once CUDA graphs remove the Python.
+step, a fixed cost that CUDA graphs do not remove (halving them saved ~1.3 ms a step on an H200).
 """
 
 from __future__ import annotations
