@@ -1,0 +1,33 @@
+"""The GPU benchmark's code path, run on the CPU with a tiny UNet (--dry-run): it must finish and
+report every configuration it measures, with the engine's byte counts of the simulated bands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_dry_run_reports_every_configuration(tmp_path: Path) -> None:
+    output = tmp_path / "gpu.json"
+    script = ROOT / "benchmarks" / "gpu_sdxl_unet.py"
+    subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--output", str(output)], check=True, timeout=300
+    )
+    report = json.loads(output.read_text())
+    (entry,) = report["results"]["resolutions"].values()
+    assert entry["plain"]["median_s"] > 0 and entry["distri_1_rank_eager"]["median_s"] > 0
+    assert sorted(entry["simulated_bands_eager"], key=int) == ["2", "4", "8"]
+    received = []
+    for world, band in entry["simulated_bands_eager"].items():
+        stats = band["steady_stats_per_step"]
+        # A rank receives what every other rank sends: (world - 1) times its own.
+        assert stats["bytes_received"] == (int(world) - 1) * stats["bytes_sent"] > 0
+        assert band["compute"]["median_s"] > 0
+        received.append(stats["bytes_received"])
+    assert received == sorted(received)  # more bands, more bytes received per rank
+    assert report["results"]["cuda_graphs"]["supported"] is False  # no CUDA here, and it says so
+    assert report["results"]["skipped"] == []
