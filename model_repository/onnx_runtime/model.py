@@ -55,11 +55,6 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_num_threads") or 0)
         if threads > 0:
             options.intra_op_num_threads = threads
-        # ONNX Runtime's CPU arena keeps the largest batch and size it has seen, growing in powers of
-        # two, so RSS steps up whenever a new batch-and-size mix first arrives (seen in a soak: the
-        # VAE stub +82 MiB at once, well after warm-up). Without it, memory follows the live tensors
-        # and a leak shows as one; per-call time measured the same (VAE, 65 ms median either way).
-        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self.outputs = [o["name"] for o in config["output"]]
