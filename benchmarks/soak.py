@@ -126,6 +126,33 @@ def memory_violations(
     return problems
 
 
+def every_shape_at_full_batch(
+    grpc_url: str, requests: list[dict[str, Any]], concurrency: int, progress: Callable[[str], None]
+) -> list[str]:
+    """Sends ``concurrency`` copies of one request of each distinct size and step count at once, so
+    that every stage has served its largest batch of every shape before memory is measured (ONNX
+    Runtime's arena, for one, grows on the first sight of a bigger batch and size, then stays).
+    Returns the failures."""
+    shapes = {(r["height"], r["width"], r["num_inference_steps"]): r for r in requests}
+    failures: list[str] = []
+
+    def send(fields: dict[str, Any]) -> None:
+        try:
+            with grpcclient.InferenceServerClient(grpc_url) as client:
+                client.infer("sdxl", build_inputs(grpcclient, **fields), client_timeout=600)
+        except Exception as error:  # counted with the soak's failures
+            failures.append(f"warm-up {type(error).__name__}: {error}")
+
+    for fields in shapes.values():
+        progress(f"warm-up: {concurrency} requests at once of {fields['height']}x{fields['width']}")
+        burst = [threading.Thread(target=send, args=(fields,)) for _ in range(concurrency)]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+    return failures
+
+
 def soak(
     grpc_url: str,
     seconds: float,
@@ -143,6 +170,7 @@ def soak(
     lock = threading.Lock()
     latencies: list[float] = []
     failures: list[str] = []
+    failures += every_shape_at_full_batch(grpc_url, requests, concurrency, progress)
     started = time.monotonic()
     deadline = started + seconds
     samples: list[dict[str, Any]] = []

@@ -11,8 +11,13 @@ if [ ! -f "$model_dir/model_index.json" ]; then
   echo "[prepare] building the small random-weight SDXL model in $model_dir" >&2
   .venv/bin/distrifusion-tiny-model "$model_dir" --arch sdxl --seed 0 >/dev/null
 fi
-if [ ! -f "$repository/sdxl/config.pbtxt" ]; then
+# The repository holds copies of the templates: rebuild when they or the builder change.
+stamp_value=$(find model_repository build_engines -type f \( -name '*.py' -o -name '*.pbtxt' \) \
+  -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
+stamp_file=$repository/.build-stamp
+if [ ! -f "$repository/sdxl/config.pbtxt" ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   echo "[prepare] building the CPU model repository in $repository" >&2
   HF_HUB_OFFLINE=1 .venv/bin/python -m build_engines --model "$model_dir" --output "$repository" \
     --target cpu --unet-ranks 2 --max-resolution 1024x1024 --force
+  echo "$stamp_value" >"$stamp_file"
 fi
