@@ -556,6 +556,16 @@ def run_single_generation(settings: Settings) -> dict[str, Any]:
     }
 
 
+def step_seconds(step: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` back-to-back calls of ``step``."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def run_single_overhead(settings: Settings) -> dict[str, Any]:
     """At 1 rank: DistriUNet vs the plain diffusers UNet, the plain band-shaped UNet, the engine's
     band without communication (simulated), and the layer shapes for the analytic byte count."""
@@ -599,11 +609,10 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
             rows = band_rows(settings.latent_size, levels=len(settings.block_out_channels), bands=world)
             band_input = model_input[:, :, :rows].contiguous()
             plain(band_input, timestep, **kwargs, return_dict=False)
-            band_times[world] = []
-            for _ in range(settings.overhead_pairs // 2 + 1):
-                started = time.perf_counter()
-                plain(band_input, timestep, **kwargs, return_dict=False)
-                band_times[world].append(time.perf_counter() - started)
+            band_times[world] = step_seconds(
+                lambda band_input=band_input: plain(band_input, timestep, **kwargs, return_dict=False),
+                settings.overhead_pairs // 2 + 1,
+            )
 
         # The engine's own band, without communication: a DistriUNet that computes band r of n in
         # this process, its all-gathers replaced by local copies (band_simulation.py). Against the
@@ -623,11 +632,10 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
                 simulated.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
                 for _ in range(settings.warmup_steps + 2):  # synchronous steps, then the recording step
                     simulated(model_input, timestep, **kwargs, return_dict=False)
-                simulated_times[world] = []
-                for _ in range(settings.overhead_pairs // 2 + 1):
-                    started = time.perf_counter()
-                    simulated(model_input, timestep, **kwargs, return_dict=False)
-                    simulated_times[world].append(time.perf_counter() - started)
+                simulated_times[world] = step_seconds(
+                    lambda: simulated(model_input, timestep, **kwargs, return_dict=False),
+                    settings.overhead_pairs // 2 + 1,
+                )
         overhead_window = meter.stop()
 
     return {

@@ -262,7 +262,7 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
     composed = sum(models[n]["compute_infer_s"] + models[n]["queue_s"] + models[n]["compute_io_s"]
                    for n in models if n != "sdxl")  # fmt: skip
     stages = report["engine_stages_median_s"]
-    engine_rest = report["engine_median_s"] - sum(stages.values())
+    engine_rest = report["engine_without_encoders_and_vae_s"]
     lines += [
         f"| (ensemble request, server side) | 1 | {models.get('sdxl', {}).get('request_s', 0):.3f} | |",
         "",
