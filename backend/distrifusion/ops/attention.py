@@ -10,6 +10,8 @@ as diffusers' ``AttnProcessor2_0`` does.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -97,21 +99,22 @@ class PatchAttnProcessor:
         ctx = self.context
         if not ctx.parallel or ctx.mode is Mode.NAIVE_PATCH:
             return key, value
-        # Keys and values travel as one tensor: 2C per token, one slot in the exchange.
-        key_value = torch.cat([key, value], dim=-1)
-        full = ctx.exchanged(
-            self.key, self._padded(key_value), lambda gathered: self._whole_image(key_value, gathered)
+        # Two slots rather than one concatenated tensor: each band's keys and values are copied
+        # once into the exchange instead of three times (concatenate, pad, send), and the whole
+        # image's keys and values come out contiguous for the attention kernel.
+        return tuple(
+            ctx.exchanged(f"{self.key}.{name}", self._padded(own), functools.partial(self._whole_image, own))
+            for name, own in (("key", key), ("value", value))
         )
-        return full.chunk(2, dim=-1)
 
-    def _padded(self, key_value: torch.Tensor) -> torch.Tensor:
+    def _padded(self, own: torch.Tensor) -> torch.Tensor:
         # All-gathers need one shape on every rank; bands can differ in height by a row.
-        layout, level = self.context.layout, self._level(key_value)
-        max_tokens = layout.max_band_height(level) * (layout.width >> level)
-        return F.pad(key_value, (0, 0, 0, max_tokens - key_value.shape[1]))
+        layout, level = self.context.layout, self._level(own)
+        missing = layout.max_band_height(level) * (layout.width >> level) - own.shape[1]
+        return F.pad(own, (0, 0, 0, missing)) if missing else own
 
     def _whole_image(self, own: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
-        # gathered: [bands, batch, max band tokens, 2 * inner dim]
+        # gathered: [bands, batch, max band tokens, inner dim]
         ctx, level = self.context, self._level(own)
         width = ctx.layout.width >> level
         parts = [
@@ -120,5 +123,5 @@ class PatchAttnProcessor:
         ]
         return torch.cat(parts, dim=1)
 
-    def _level(self, key_value: torch.Tensor) -> int:
-        return self.context.layout.level_of_tokens(self.context.band, key_value.shape[1])
+    def _level(self, tokens: torch.Tensor) -> int:
+        return self.context.layout.level_of_tokens(self.context.band, tokens.shape[1])
