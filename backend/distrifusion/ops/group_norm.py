@@ -22,13 +22,20 @@ from ..context import PatchContext
 
 def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``[3, batch, groups]`` fp32: element count, mean and biased variance of each group."""
-    grouped = x.reshape(x.shape[0], groups, -1).float()
+    return _centred(x, groups)[1]
+
+
+def _centred(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x - mean`` as ``[batch, groups, n]`` fp32, and :func:`local_moments`."""
+    grouped = x.reshape(x.shape[0], groups, -1)
     # Two passes (mean, then the norm of the deviations) keep the variance exact and non-negative;
-    # torch.var_mean does the same arithmetic but is ~20x slower on the CPU (measured).
+    # torch.var_mean does the same arithmetic but is ~20x slower on the CPU (measured). The
+    # deviations are kept: normalising them in place saves the GroupNorm a new full-size tensor.
     count = grouped.shape[-1]
-    mean = grouped.mean(-1)
-    variance = torch.linalg.vector_norm(grouped - mean[..., None], dim=-1).square_().div_(count)
-    return torch.stack([torch.full_like(mean, count), mean, variance])
+    mean = grouped.mean(-1, dtype=torch.float32)
+    deviation = grouped - mean[..., None]
+    variance = torch.linalg.vector_norm(deviation, dim=-1).square_().div_(count)
+    return deviation, torch.stack([torch.full_like(mean, count), mean, variance])
 
 
 def merge_moments(moments: torch.Tensor) -> torch.Tensor:
@@ -75,11 +82,11 @@ class PatchGroupNorm(nn.Module):
         ctx = self.context
         if not ctx.parallel:
             return self.norm(x)
-        fresh = local_moments(x, self.norm.num_groups)
+        deviation, fresh = _centred(x, self.norm.num_groups)
         mode = ctx.mode
         if mode in (Mode.NAIVE_PATCH, Mode.SEPARATE_GN):
-            return self._normalize(x, fresh[1:])
-        if mode is Mode.CORRECTED_ASYNC_GN and not ctx.synchronous:
+            moments = fresh[1:]
+        elif mode is Mode.CORRECTED_ASYNC_GN and not ctx.synchronous:
             moments = ctx.exchanged(self.key, fresh, lambda stale: corrected_moments(stale, fresh, ctx.band))
         else:
             moments = ctx.exchanged(
@@ -89,7 +96,11 @@ class PatchGroupNorm(nn.Module):
                 always_fresh=mode in (Mode.FULL_SYNC, Mode.SYNC_GN),
             )
         usable = moments[1] >= 0
-        return self._normalize(x, torch.where(usable, moments, fresh[1:]))
+        return (
+            self._normalize(deviation, fresh[1], torch.where(usable, moments, fresh[1:]))
+            .view_as(x)
+            .to(x.dtype)
+        )
 
     def _own_fresh(self, gathered: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         # stale_gn reads the other bands' previous moments but always its own current ones.
@@ -97,21 +108,23 @@ class PatchGroupNorm(nn.Module):
         merged[self.context.band] = fresh
         return merged
 
-    def _normalize(self, x: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
-        """``x`` normalised with ``moments`` ``[2, batch, groups]`` (mean, variance) and the affine map.
+    def _normalize(
+        self, deviation: torch.Tensor, local_mean: torch.Tensor, moments: torch.Tensor
+    ) -> torch.Tensor:
+        """``deviation`` (``x`` minus ``local_mean``, ``[batch, groups, n]``) normalised, in place, with
+        ``moments`` ``[2, batch, groups]`` (mean, variance) and the affine map.
 
-        Folded into one per-channel scale and shift so the big tensor is read and written once.
+        (x - mean) * inv_std = deviation * inv_std + (local_mean - mean) * inv_std: one per-channel
+        scale and shift, so the big tensor is read and written once more.
         """
         batch, groups = moments.shape[1:]
-        channels_per_group = x.shape[1] // groups
-        mean, variance = moments.float().unbind(0)
+        mean, variance = moments.unbind(0)
         scale = torch.rsqrt(variance + self.norm.eps)
-        scale_shift = torch.stack([scale, mean * scale.neg()]).repeat_interleave(channels_per_group, dim=2)
-        scale, shift = scale_shift.unbind(0)
+        scale_shift = torch.stack([scale, (local_mean - mean) * scale]).float()
+        scale_shift = scale_shift.repeat_interleave(self.norm.num_channels // groups, dim=2)
         if self.norm.affine:
-            weight = self.norm.weight.float()
-            shift = torch.addcmul(self.norm.bias.float(), shift, weight)
-            scale = scale * weight
-        shape = (batch, -1) + (1,) * (x.dim() - 2)
+            scale_shift.mul_(self.norm.weight)
+            scale_shift[1].add_(self.norm.bias)
+        channels = deviation.view(batch, self.norm.num_channels, -1)
         # Not torch.addcmul: with these broadcasts it is ~4x slower on the CPU (measured).
-        return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)
+        return channels.mul_(scale_shift[0, ..., None]).add_(scale_shift[1, ..., None])
