@@ -17,6 +17,7 @@ all-gather.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import torch
@@ -55,12 +56,15 @@ class _Slot:
     def nbytes(self) -> int:
         return self.shape.numel() * self.dtype.itemsize
 
+    # Cached: the buffers never move, and rebuilding the views costs a few operations per layer.
+    @functools.cached_property
     def view(self) -> torch.Tensor:
         """``[world, *shape]``: every rank's entry in the receive buffer."""
         world = self.batch.receive.shape[0]
         raw = self.batch.receive[:, self.offset : self.offset + self.nbytes]
         return raw.view(self.dtype).view(world, *self.shape)
 
+    @functools.cached_property
     def send_view(self) -> torch.Tensor:
         return self.batch.send[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
@@ -122,7 +126,7 @@ class Exchange:
         if slot is None:
             self._unbatched[key] = gathered
         else:
-            slot.view().copy_(gathered)
+            slot.view.copy_(gathered)
         return gathered
 
     def share_later(self, key: str, tensor: torch.Tensor) -> None:
@@ -131,7 +135,7 @@ class Exchange:
         if slot is None:
             self._record(key, tensor)
             return
-        slot.send_view().copy_(tensor)
+        slot.send_view.copy_(tensor)
         if key == slot.batch.last_key:
             self._launch(slot.batch)
 
@@ -142,7 +146,7 @@ class Exchange:
             return self._unbatched[key]
         if slot.batch.work is not None:
             self._wait(slot.batch)
-        return slot.view()
+        return slot.view
 
     def end_step(self) -> None:
         """Sends what the recording step queued after its last full batch."""
@@ -177,7 +181,7 @@ class Exchange:
         batch = _Batch(send=send, receive=send.new_empty((self.world, size)), last_key=self._recording[-1][0])
         for (key, tensor), offset in zip(self._recording, offsets, strict=True):
             slot = _Slot(batch=batch, offset=offset, shape=tensor.shape, dtype=tensor.dtype)
-            slot.send_view().copy_(tensor)
+            slot.send_view.copy_(tensor)
             self._slots[key] = slot
         self._batches.append(batch)
         self._recording.clear()
