@@ -27,6 +27,8 @@ CPU_REPOSITORY = ROOT / "build" / "model_repository_cpu"
 PERF_INPUTS = ROOT / "clients" / "perf_inputs.json"
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer.sh"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+SERVING_RESULTS = ROOT / "benchmarks" / "results" / "serving"
+"""Where the serving benchmarks write their raw data by default."""
 SECTION = "## Serving on Triton (CPU)"
 SECTION_INTRO = (
     "The `sdxl` ensemble served by the CPU tritonserver (`scripts/triton_server.sh` on\n"

@@ -35,6 +35,7 @@ from sdxl_client import generate
 from serving_common import (
     BENCHMARKS_MD,
     ROOT,
+    SERVING_RESULTS,
     CpuServer,
     ensure_cpu_repository,
     log,
@@ -50,7 +51,6 @@ from distrifusion.launch import spawn_local
 from distrifusion.pipeline import DistriPipeline
 
 MODEL_DIR = ROOT / ".cache" / "tiny-sdxl"
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "serving"
 PROMPT = "a lighthouse on a cliff at dawn, watercolor"
 NEGATIVE = "blurry"
 TARGET = 1.10
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="engine and server blocks, alternated")
     parser.add_argument("--repository", type=Path, help="model repository (default: the CPU one)")
     parser.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s for an idle machine")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output-dir", type=Path, default=SERVING_RESULTS)
     parser.add_argument("--benchmarks-md", default=str(BENCHMARKS_MD), help="'' to skip")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

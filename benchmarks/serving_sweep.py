@@ -39,6 +39,7 @@ from serving_common import (
     BENCHMARKS_MD,
     PERF_INPUTS,
     ROOT,
+    SERVING_RESULTS,
     CpuServer,
     ForeignCpu,
     ensure_cpu_repository,
@@ -54,7 +55,6 @@ from serving_common import (
     write_json,
 )
 
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "serving"
 DELAY_TRADE_OFF = (
     "The built default keeps no queue delay all the same: with a delay, a request that arrives alone "
     "waits that long for company, and this server is built for the latency of one image. "
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smaller windows, fewer trials (a few minutes)")
     parser.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s for an idle machine")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output-dir", type=Path, default=SERVING_RESULTS)
     parser.add_argument("--benchmarks-md", default=str(BENCHMARKS_MD), help="'' to skip")
     parser.add_argument(
         "--figure", default=str(ROOT / "benchmarks" / "figures" / "serving_sweep.png"), help="'' to skip"

@@ -36,7 +36,7 @@ from serving_common import (
     BENCHMARKS_MD,
     MIB,
     PERF_INPUTS,
-    ROOT,
+    SERVING_RESULTS,
     CpuServer,
     ensure_cpu_repository,
     log,
@@ -48,7 +48,6 @@ from serving_common import (
     write_json,
 )
 
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "serving"
 # A process fails the soak when its RSS grows past BOTH bounds after warm-up. 10% absorbs allocator
 # noise on the big processes (the server and the stubs hold 250-700 MiB of libraries, weights and
 # arenas); 64 MiB absorbs it on the small ones. A per-request leak of even one 256x256 image
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, help="model repository to serve (default: the CPU one)")
     parser.add_argument("--input-data", type=Path, default=PERF_INPUTS)
     parser.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s for an idle machine")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output-dir", type=Path, default=SERVING_RESULTS)
     parser.add_argument("--benchmarks-md", default=str(BENCHMARKS_MD), help="'' to skip")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
