@@ -31,6 +31,10 @@ class Mode(enum.StrEnum):
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(ValueError):
     """A configuration or request that cannot run; the message names the field and what is allowed."""
 
@@ -44,19 +48,20 @@ class DistriConfig:
         warmup_steps: synchronous steps after the first one (the first step is always synchronous).
         split_batch: with classifier-free guidance and an even number of ranks, half of the ranks
             denoise the unconditional batch and half the conditional one.
-        dtype: "fp32", "fp16" or "bf16".
-        device: "cpu" or "cuda"; on CUDA each rank uses the device of its local rank.
+        dtype: "fp32", "fp16" or "bf16" (None: fp16 on CUDA, fp32 on the CPU).
+        device: "cpu" or "cuda"; on CUDA each rank uses its current device.
         comm_batch_size: how many exchanged tensors share one asynchronous all-gather.
-        cuda_graphs: capture the warm-up, first-asynchronous and steady-state steps as CUDA graphs.
+        cuda_graphs: capture the warm-up, steady and last steps as CUDA graphs (None: on for CUDA,
+            where eager band steps are bound by kernel launches; CUDA only).
     """
 
     mode: Mode | str = Mode.CORRECTED_ASYNC_GN
     warmup_steps: int = 4
     split_batch: bool = False
-    dtype: str = "fp32"
+    dtype: str | None = None
     device: str = "cpu"
     comm_batch_size: int = 60
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -64,14 +69,22 @@ class DistriConfig:
         except ValueError:
             allowed = ", ".join(m.value for m in Mode)
             raise ConfigError(f"mode: unknown mode {self.mode!r}; allowed: {allowed}") from None
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_integer(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.comm_batch_size < 1:
-            raise ConfigError(f"comm_batch_size: must be >= 1, got {self.comm_batch_size}")
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", "fp16" if self.device == "cuda" else "fp32")
+        if self.cuda_graphs is None:
+            object.__setattr__(self, "cuda_graphs", self.device == "cuda")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if not isinstance(self.split_batch, bool):
+            raise ConfigError(f"split_batch: must be true or false, got {self.split_batch!r}")
+        if not _is_integer(self.comm_batch_size) or self.comm_batch_size < 1:
+            raise ConfigError(f"comm_batch_size: must be an integer >= 1, got {self.comm_batch_size!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs: must be true or false, got {self.cuda_graphs!r}")
         if self.cuda_graphs and self.device != "cuda":
             raise ConfigError("cuda_graphs: CUDA graphs need device='cuda'")
 

@@ -12,6 +12,10 @@ step); from then on each batch has persistent send and receive buffers, so the a
 the same receive buffer, so the first asynchronous step reads what the warm-up step gathered.
 Batches are raw bytes, so tensors of different dtypes (fp16 activations, fp32 statistics) share one
 all-gather.
+
+Launches, waits and blocking gathers are host calls (:class:`~distrifusion.collectives.HostCalls`):
+under CUDA graphs they run between graph segments at every replay, so the statistics count what
+was really sent, and a batch launched in one step's replay is waited for in the next step's.
 """
 
 from __future__ import annotations
@@ -23,23 +27,16 @@ import time
 import torch
 import torch.distributed as dist
 
-
-def all_gather_flat(
-    output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
-) -> dist.Work | None:
-    """``output`` ([world * n] flat) receives every rank's ``input`` ([n] flat), in rank order."""
-    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; the torch of GPU images
-    # (2.11 in NGC-based ones) has only the old name. Looked up per call so tests can patch either.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(output, input, group=group, async_op=async_op)
+from .collectives import Collective, HostCalls, ProcessGroupCollective, Work
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Batch:
     send: torch.Tensor
     receive: torch.Tensor
     last_key: str
-    work: dist.Work | None = None
+    work: Work | None = None
+    """The all-gather in flight into ``receive``, set when its launch runs (at once, or at a replay)."""
 
 
 _ALIGNMENT = 16  # bytes; every slot starts aligned for any dtype's typed view
@@ -74,9 +71,13 @@ class ExchangeStats:
     """What one rank spent on communication; reset by the caller when it wants per-step figures."""
 
     wait_seconds: float = 0.0
+    """Host time spent in blocking gathers and in waits for asynchronous ones (on CUDA: the time
+    to queue them, since the device, not the host, waits)."""
     bytes_sent: int = 0
     bytes_received: int = 0
     collectives: int = 0
+    output_gather_seconds: float = 0.0
+    """The part of ``wait_seconds`` spent gathering the noise prediction at the end of each step."""
 
     def snapshot(self) -> ExchangeStats:
         return dataclasses.replace(self)
@@ -97,20 +98,46 @@ class ExchangeStats:
         self.collectives += 1
 
 
+def gather_now(
+    collective: Collective,
+    stats: ExchangeStats,
+    group: dist.ProcessGroup | None,
+    world: int,
+    output: torch.Tensor,
+    input: torch.Tensor,
+) -> float:
+    """A blocking all-gather of ``input`` into ``output`` (both contiguous); returns its host seconds."""
+    started = time.perf_counter()
+    collective.all_gather(output.view(-1), input.view(-1), group, False)
+    seconds = time.perf_counter() - started
+    stats.wait_seconds += seconds
+    stats.count(input, world)
+    return seconds
+
+
 class Exchange:
     """Shares tensors among the ranks of one patch group (``group`` None: the default group)."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None, world: int, batch_size: int, stats: ExchangeStats | None = None
+        self,
+        group: dist.ProcessGroup | None,
+        world: int,
+        batch_size: int,
+        stats: ExchangeStats | None = None,
+        collective: Collective | None = None,
+        host_calls: HostCalls | None = None,
     ) -> None:
         self.group = group
         self.world = world
         self.batch_size = batch_size
         self.stats = stats if stats is not None else ExchangeStats()
+        self.collective = collective if collective is not None else ProcessGroupCollective()
+        self.host_calls = host_calls if host_calls is not None else HostCalls()
         self._slots: dict[str, _Slot] = {}
         self._unbatched: dict[str, torch.Tensor] = {}
         self._recording: list[tuple[str, torch.Tensor]] = []
         self._batches: list[_Batch] = []
+        self._complete_this_step: set[_Batch] = set()
         self._recorded_this_step = False
         self.planned = False
         """True once a whole asynchronous step has recorded its batches (buffers fixed from then on)."""
@@ -118,10 +145,12 @@ class Exchange:
     def share_now(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """Blocking all-gather; returns ``[world, *tensor.shape]`` and keeps it as the key's latest."""
         gathered = tensor.new_empty((self.world, *tensor.shape))
-        started = time.perf_counter()
-        all_gather_flat(gathered.view(-1), tensor.reshape(-1), group=self.group)
-        self.stats.wait_seconds += time.perf_counter() - started
-        self.stats.count(tensor, self.world)
+        fresh = tensor.contiguous()
+        self.host_calls.run(
+            functools.partial(
+                gather_now, self.collective, self.stats, self.group, self.world, gathered, fresh
+            )
+        )
         slot = self._slots.get(key)
         if slot is None:
             self._unbatched[key] = gathered
@@ -144,14 +173,18 @@ class Exchange:
         slot = self._slots.get(key)
         if slot is None:
             return self._unbatched[key]
-        if slot.batch.work is not None:
-            self._wait(slot.batch)
+        if slot.batch not in self._complete_this_step:
+            # Once per batch and step, whatever the batch's state when this runs: a step replayed
+            # from CUDA graphs must wait wherever the first replay had to.
+            self._complete_this_step.add(slot.batch)
+            self.host_calls.run(functools.partial(self._complete, slot.batch))
         return slot.view
 
     def end_step(self) -> None:
         """Sends what the recording step queued after its last full batch."""
         if self._recording:
             self._close_recorded_batch()
+        self._complete_this_step.clear()
         if self._recorded_this_step:
             self._recorded_this_step = False
             self._unbatched.clear()
@@ -160,8 +193,8 @@ class Exchange:
     def drain(self) -> None:
         """Waits for every collective in flight (before a new generation, or on shutdown)."""
         for batch in self._batches:
-            if batch.work is not None:
-                self._wait(batch)
+            self.host_calls.run(functools.partial(self._complete, batch))
+        self._complete_this_step.clear()
         self._recording.clear()
 
     def _record(self, key: str, tensor: torch.Tensor) -> None:
@@ -188,10 +221,16 @@ class Exchange:
         self._launch(batch)
 
     def _launch(self, batch: _Batch) -> None:
-        batch.work = all_gather_flat(batch.receive.view(-1), batch.send, group=self.group, async_op=True)
+        self._complete_this_step.discard(batch)  # a later read in this step must wait again
+        self.host_calls.run(functools.partial(self._start, batch))
+
+    def _start(self, batch: _Batch) -> None:
+        batch.work = self.collective.all_gather(batch.receive.view(-1), batch.send, self.group, True)
         self.stats.count(batch.send, self.world)
 
-    def _wait(self, batch: _Batch) -> None:
+    def _complete(self, batch: _Batch) -> None:
+        if batch.work is None:  # nothing in flight (its data came from a blocking share)
+            return
         started = time.perf_counter()
         batch.work.wait()
         self.stats.wait_seconds += time.perf_counter() - started

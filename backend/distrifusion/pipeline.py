@@ -152,9 +152,12 @@ class DistriPipeline:
         return GenerationResult(images=images, latents=final["latents"], seed=seed, interrupted=interrupted)
 
     def _agreed_stop(self, should_stop: Callable[[], bool]) -> bool:
-        flag = torch.tensor([self.rank == 0 and should_stop()], dtype=torch.uint8, device=self.unet.device)
-        if self.unet.topology.world > 1:
-            dist.broadcast(flag, src=0)
+        # A host tensor on the control group: on GPUs the vote neither waits behind the
+        # asynchronous all-gathers on the communication stream nor syncs the host with the device.
+        flag = torch.tensor([self.rank == 0 and should_stop()], dtype=torch.uint8)
+        topology = self.unet.topology
+        if topology.world > 1:
+            dist.broadcast(flag, src=0, group=topology.control)
         return bool(flag.item())
 
     def _agreed_seed(self, seed: int | list[int] | None) -> int | list[int]:
@@ -162,6 +165,7 @@ class DistriPipeline:
         if seed is not None:
             return seed
         drawn = [random.randrange(2**63) if self.rank == 0 else None]
-        if self.unet.topology.world > 1:
-            dist.broadcast_object_list(drawn, src=0)
+        topology = self.unet.topology
+        if topology.world > 1:
+            dist.broadcast_object_list(drawn, src=0, group=topology.control, device=torch.device("cpu"))
         return drawn[0]

@@ -19,10 +19,11 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from torch import nn
 
+from .collectives import Collective, HostCalls, ProcessGroupCollective
 from .config import DistriConfig, Mode
 from .context import PatchContext
 from .cuda_graphs import StepGraphs
-from .exchange import Exchange, ExchangeStats, all_gather_flat
+from .exchange import Exchange, ExchangeStats, gather_now
 from .geometry import BandLayout
 from .ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from .topology import PatchGroup, Topology
@@ -41,19 +42,53 @@ class Generation(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationInfo:
+    """A :class:`Generation` for callers that run their own denoising loop."""
+
+    do_classifier_free_guidance: bool
+    num_timesteps: int
+
+
 class StepRecord:
     """One UNet evaluation of the current generation, as this rank saw it."""
 
-    step: int
-    phase: str
-    """"warmup" (synchronous exchanges), "steady" (asynchronous) or "last" (asynchronous, nothing sent)."""
-    seconds: float
-    """Host wall time; on CUDA it ends when the work is queued, not done."""
-    communication: ExchangeStats
+    def __init__(self, step: int, phase: str, started: Any, ended: Any, communication: ExchangeStats) -> None:
+        self.step = step
+        self.phase = phase
+        """"warmup" (synchronous exchanges), "steady" (asynchronous) or "last" (asynchronous, nothing sent)."""
+        self.communication = communication
+        self._marks = (started, ended)
+        self._seconds: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Host wall time on the CPU; on CUDA the device time between the step's start and end
+        (events on the compute stream; reading it waits for the step to finish)."""
+        if self._seconds is None:
+            started, ended = self._marks
+            if isinstance(started, torch.cuda.Event):
+                ended.synchronize()
+                self._seconds = started.elapsed_time(ended) / 1000.0
+            else:
+                self._seconds = ended - started
+        return self._seconds
+
+
+def _mark(device: torch.device) -> Any:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
 
 class DistriUNet(nn.Module):
-    """Wraps ``unet`` in place; call :meth:`begin_generation` before each denoising loop."""
+    """Wraps ``unet`` in place; call :meth:`begin_generation` before each denoising loop.
+
+    ``topology``: the ranks (default: the default process group). ``collective``: what runs the
+    all-gathers (default: torch.distributed). ``graphs``: how steps are captured when
+    ``config.cuda_graphs`` is set (default: CUDA graphs).
+    """
 
     def __init__(
         self,
@@ -61,21 +96,26 @@ class DistriUNet(nn.Module):
         config: DistriConfig,
         topology: Topology | None = None,
         pixels_per_latent: int = 8,
+        collective: Collective | None = None,
+        graphs: StepGraphs | None = None,
     ) -> None:
         super().__init__()
-        self.topology = topology or Topology(config.split_batch)
+        self.topology = topology or Topology.from_process_group(config.split_batch)
         config.validate_world(self.topology.world)
         self.unet = unet
         self.distri_config = config
         self.context = PatchContext(config)
         self.stats = ExchangeStats()
+        self.collective = collective if collective is not None else ProcessGroupCollective()
+        self.host_calls = HostCalls()
         self.levels = len(unet.config.block_out_channels)
         self.pixels_per_latent = pixels_per_latent
         self._generation: Generation | None = None
         self.steps: list[StepRecord] = []
         """The UNet evaluations of the current generation."""
         self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
-        self._graphs = StepGraphs() if config.cuda_graphs else None
+        self.graphs = graphs if graphs is not None else (StepGraphs() if config.cuda_graphs else None)
+        """The captured step plans (None: every step runs eagerly)."""
         _make_patch_parallel(unet, self.context)
 
     def __getattr__(self, name: str) -> Any:
@@ -92,6 +132,22 @@ class DistriUNet(nn.Module):
         self.steps = []
         for exchange in self._exchanges.values():
             exchange.drain()
+
+    def use_topology(self, topology: Topology, collective: Collective | None = None) -> None:
+        """From the next step on, run as ``topology`` (with ``collective``, else the current one).
+
+        Waits out what is in flight, then drops every per-shape exchange buffer and step graph:
+        they belong to the old layout. The weights stay where they are.
+        """
+        self.distri_config.validate_world(topology.world)
+        for exchange in self._exchanges.values():
+            exchange.drain()
+        self._exchanges.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.topology = topology
+        if collective is not None:
+            self.collective = collective
 
     def layout(self, height: int, width: int, split: bool) -> BandLayout:
         """The bands of a latent of this size; raises ConfigError when it cannot be split."""
@@ -124,13 +180,13 @@ class DistriUNet(nn.Module):
 
         step = functools.partial(self._step, group, layout)
         inputs = (sample, timestep, encoder_hidden_states, args, kwargs)
-        phase, started, stats_before = self._phase(), time.perf_counter(), self.stats.snapshot()
-        if self._graphs is not None and self._graphable():
-            noise = self._graphs.run((shape_key, phase), step, inputs)
+        phase, started, stats_before = self._phase(), _mark(sample.device), self.stats.snapshot()
+        if self.graphs is not None and self._graphable():
+            noise = self.graphs.run(shape_key, phase, step, inputs, self.host_calls)
         else:
             noise = step(*inputs)
-        seconds = time.perf_counter() - started
-        self.steps.append(StepRecord(ctx.step, phase, seconds, self.stats.since(stats_before)))
+        ended = _mark(sample.device)
+        self.steps.append(StepRecord(ctx.step, phase, started, ended, self.stats.since(stats_before)))
         ctx.step += 1
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
 
@@ -153,8 +209,6 @@ class DistriUNet(nn.Module):
         exchange = self.context.exchange
         if exchange is not None:
             exchange.end_step()
-            if self._graphs is not None:
-                exchange.drain()
         return self._gather_bands(band, layout, group)
 
     def _graphable(self) -> bool:
@@ -176,12 +230,19 @@ class DistriUNet(nn.Module):
             return None
         exchange = self._exchanges.pop(shape_key, None)
         if exchange is None:
-            exchange = Exchange(group.group, group.size, self.distri_config.comm_batch_size, self.stats)
+            exchange = Exchange(
+                group.group,
+                group.size,
+                self.distri_config.comm_batch_size,
+                self.stats,
+                self.collective,
+                self.host_calls,
+            )
             if len(self._exchanges) >= _CACHED_SHAPES:
                 oldest_key, oldest = self._exchanges.popitem(last=False)
                 oldest.drain()
-                if self._graphs is not None:
-                    self._graphs.forget(oldest_key)
+                if self.graphs is not None:
+                    self.graphs.forget(oldest_key)
         self._exchanges[shape_key] = exchange
         return exchange
 
@@ -192,15 +253,16 @@ class DistriUNet(nn.Module):
             return band
         padded = F.pad(band, (0, 0, 0, layout.max_band_height() - band.shape[2])).contiguous()
         gathered = padded.new_empty((world, *padded.shape))
-        started = time.perf_counter()
-        all_gather_flat(gathered.view(-1), padded.view(-1))
-        self.stats.wait_seconds += time.perf_counter() - started
-        self.stats.count(padded, world)
+        self.host_calls.run(functools.partial(self._gather_output, gathered, padded))
         bands = [gathered[rank, :, :, : layout.band_height(rank % group.size)] for rank in range(world)]
         per_batch_part = [
             torch.cat(bands[start : start + group.size], dim=2) for start in range(0, world, group.size)
         ]
         return torch.cat(per_batch_part, dim=0)
+
+    def _gather_output(self, gathered: torch.Tensor, padded: torch.Tensor) -> None:
+        seconds = gather_now(self.collective, self.stats, None, self.topology.world, gathered, padded)
+        self.stats.output_gather_seconds += seconds
 
 
 def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> None:

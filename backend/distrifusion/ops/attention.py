@@ -3,7 +3,8 @@
 Self-attention: this band's queries attend to the keys/values of the whole image in single-device
 token order; this band's own keys/values are fresh, the other bands' come from the exchange (fresh
 in warm-up, else the previous step's). Cross-attention: the text keys/values are the same for every
-band and every step, so they are computed at the first step of a generation and reused.
+band and every step, so they are computed at the first step of a generation and reused (one cache
+per text shape, refilled in place).
 Everything else (scale, heads, norms, residual, output rescaling) follows the module's own settings,
 as diffusers' ``AttnProcessor2_0`` does.
 """
@@ -24,7 +25,9 @@ class PatchAttnProcessor:
     def __init__(self, context: PatchContext, key: str):
         self.context = context
         self.key = key
-        self._text_key_value: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Per text shape (the batch size changes with dynamic batching): never replaced, only
+        # refilled, so that its address stays what the step graphs of that shape captured.
+        self._text_key_value: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(
         self,
@@ -80,19 +83,21 @@ class PatchAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _cross_key_value(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.context.step > 0 and self._text_key_value is not None:
-            return self._text_key_value
+        shape = (text.shape, text.dtype, text.device)
+        cached = self._text_key_value.get(shape)
+        if self.context.step > 0 and cached is not None:
+            return cached
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
         key, value = attn.to_k(text), attn.to_v(text)
-        cached = self._text_key_value
-        if cached is not None and cached[0].shape == key.shape and cached[0].dtype == key.dtype:
-            # In place, so CUDA graphs captured in an earlier generation read the new text.
-            cached[0].copy_(key)
-            cached[1].copy_(value)
-        else:
-            self._text_key_value = key, value
-        return self._text_key_value
+        if cached is None:
+            self._text_key_value[shape] = key, value
+            return key, value
+        # In place: CUDA graphs captured for this shape (in any earlier generation, also before
+        # requests of other batch sizes came in between) read the new text from these buffers.
+        cached[0].copy_(key)
+        cached[1].copy_(value)
+        return cached
 
     def _self_key_value(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key, value = attn.to_k(tokens), attn.to_v(tokens)
