@@ -64,16 +64,16 @@ class Progress:
         )
 
 
-def parse_resolutions(text: str) -> list[tuple[int, int]]:
+def parse_resolutions(text: str, flag: str = "--resolutions") -> list[tuple[int, int]]:
     """``"1024x1024,2048x1536"`` -> ``[(1024, 1024), (2048, 1536)]``, each WIDTHxHEIGHT in pixels."""
     out = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"--resolutions: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+            raise ValueError(f"{flag}: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
         width, height = (int(p) for p in parts)
         if width <= 0 or height <= 0:
-            raise ValueError(f"--resolutions: {item.strip()!r} must be positive")
+            raise ValueError(f"{flag}: {item.strip()!r} must be positive")
         out.append((width, height))
     return out
 
@@ -118,21 +118,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="request batch sizes; the largest is every model's max_batch_size (default %(default)s)",
     )
     ranks = parser.add_mutually_exclusive_group()
-    ranks.add_argument("--unet-ranks", type=int, help="UNet ranks per instance (cpu default 2)")
+    ranks.add_argument(
+        "--unet-ranks", type=int, help="cpu: UNet ranks (gloo processes) per instance (default 2)"
+    )
     ranks.add_argument(
         "--unet-gpus",
         help='gpu: GPUs per UNet instance, ";" between instances, e.g. "0,1;2,3" (default: every '
         "GPU visible at build time, one instance)",
     )
-    parser.add_argument(
-        "--mode", default="corrected_async_gn", help="DistriFusion mode (default %(default)s)"
+    parser.add_argument("--threads-per-rank", type=int, help="cpu: torch threads per UNet rank (default 1)")
+    engine = parser.add_argument_group("UNet engine (default: the engine's own, DistriConfig)")
+    engine.add_argument("--mode", help="DistriFusion mode (default corrected_async_gn)")
+    engine.add_argument("--warmup-steps", type=int, help="synchronous steps after the first (default 4)")
+    engine.add_argument(
+        "--split-batch",
+        action=argparse.BooleanOptionalAction,
+        help="split the CFG batch over half the ranks each (default off)",
     )
-    parser.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps (default %(default)s)")
-    parser.add_argument(
-        "--split-batch", action="store_true", help="split the CFG batch over half the ranks each"
+    engine.add_argument("--unet-dtype", choices=("fp32", "fp16", "bf16"), help="default: gpu fp16, cpu fp32")
+    engine.add_argument(
+        "--comm-batch-size", type=int, help="tensors per asynchronous all-gather (default 60)"
+    )
+    engine.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="capture UNet steps as CUDA graphs (default: on for gpu; cpu cannot)",
+    )
+    requests = parser.add_argument_group("requests")
+    requests.add_argument(
+        "--min-resolution",
+        help="WIDTHxHEIGHT: smaller requests are refused before any work (default: gpu, the smallest "
+        "--resolutions, where the VAE engine's profile starts; cpu, none)",
+    )
+    requests.add_argument(
+        "--default-resolution",
+        help="WIDTHxHEIGHT of a request that names none (default: the first --resolutions)",
+    )
+    requests.add_argument("--default-steps", type=int, help="steps of a request that names none (default 30)")
+    requests.add_argument(
+        "--default-guidance-scale", type=float, help="guidance of a request that names none (default 5.0)"
     )
     parser.add_argument(
-        "--unet-dtype", choices=("fp32", "fp16", "bf16"), help="UNet precision (default: cpu fp32, gpu fp16)"
+        "--warmup-resolutions",
+        help="WIDTHxHEIGHT list run once per UNet instance at load, before the server is ready "
+        "(default: --resolutions; 'none' for no warm-up)",
     )
     parser.add_argument("--variant", help="load/copy this weight variant of the model, e.g. fp16")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
@@ -157,68 +186,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unet_parameters(args: argparse.Namespace, gpu_count: int | None) -> tuple[dict[str, str], int]:
-    """The UNet config parameters and the number of model instances."""
+def unet_stage_config(
+    args: argparse.Namespace,
+    resolutions: Sequence[tuple[int, int]],
+    max_resolution: tuple[int, int] | None,
+    gpu_count: int | None,
+) -> Any:
+    """The UNet stage's :class:`~distrifusion.serving.stage_config.StageConfig` from the flags; a flag
+    left out takes the config's (or the engine's) own default."""
     from distrifusion.config import ConfigError, DistriConfig
+    from distrifusion.serving.stage_config import Placement, RequestSettings, StageConfig
 
-    from .repository import UNET_MODEL_DIRECTORY, parse_gpu_groups
+    def given(**values: Any) -> dict[str, Any]:
+        return {key: value for key, value in values.items() if value is not None}
 
-    dtype = args.unet_dtype or ("fp16" if args.target == "gpu" else "fp32")
-    device = "cuda" if args.target == "gpu" else "cpu"
     try:
-        DistriConfig(
-            mode=args.mode,
-            warmup_steps=args.warmup_steps,
-            split_batch=args.split_batch,
-            dtype=dtype,
-            device=device,
-        )
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
-    if args.target == "cpu":
-        if args.unet_gpus is not None:
-            raise ValueError("--unet-gpus: only for --target gpu (use --unet-ranks on the CPU)")
-        ranks = 2 if args.unet_ranks is None else args.unet_ranks
-        if ranks < 1:
-            raise ValueError(f"--unet-ranks: must be >= 1, got {ranks}")
-        gpus, instances = "", 1
-    else:
-        if args.unet_gpus is not None:
-            groups = parse_gpu_groups(args.unet_gpus)
+        if args.target == "cpu":
+            if args.unet_gpus is not None:
+                raise ValueError("--unet-gpus: only for --target gpu (use --unet-ranks on the CPU)")
+            placement = Placement(**given(ranks=args.unet_ranks, threads_per_rank=args.threads_per_rank))
         else:
-            count = args.unet_ranks if args.unet_ranks is not None else gpu_count
-            if not count or count < 1:
-                raise ValueError("--unet-ranks: must be >= 1")
-            groups = [list(range(count))]
-        sizes = {len(g) for g in groups}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"--unet-gpus: every instance needs the same number of GPUs, got {args.unet_gpus!r}"
-            )
-        ranks = sizes.pop()
-        gpus = ";".join(",".join(map(str, g)) for g in groups)
-        instances = len(groups)
-    if args.split_batch and ranks % 2:
-        raise ValueError(f"--split-batch: needs an even number of ranks, got {ranks}")
-    params = {
-        "model_directory": UNET_MODEL_DIRECTORY,
-        "ranks": str(ranks),
-        "gpus": gpus,
-        "mode": str(args.mode),
-        "warmup_steps": str(args.warmup_steps),
-        "split_batch": "true" if args.split_batch else "false",
-        "dtype": dtype,
-        "device": device,
-    }
-    return params, instances
+            if args.threads_per_rank is not None:
+                raise ValueError("--threads-per-rank: only for --target cpu")
+            if args.unet_gpus is not None:
+                gpus: Any = args.unet_gpus
+            else:
+                count = args.unet_ranks if args.unet_ranks is not None else gpu_count
+                if not count or count < 1:
+                    raise ValueError("--unet-ranks: must be >= 1 (no GPU visible to count)")
+                gpus = [list(range(count))]
+            placement = Placement(gpus=gpus)
+        engine = DistriConfig(
+            **given(
+                mode=args.mode,
+                warmup_steps=args.warmup_steps,
+                split_batch=args.split_batch,
+                dtype=args.unet_dtype,
+                comm_batch_size=args.comm_batch_size,
+                cuda_graphs=args.cuda_graphs,
+            ),
+            device=placement.device,
+        )
+        limits: dict[str, Any] = {}
+        if max_resolution is not None:
+            limits["max_width"], limits["max_height"] = max_resolution
+        minimum = (
+            parse_resolutions(args.min_resolution, "--min-resolution")[0] if args.min_resolution else None
+        )
+        if minimum is None and args.target == "gpu":
+            minimum = (min(w for w, _ in resolutions), min(h for _, h in resolutions))
+        if minimum is not None:
+            limits["min_width"], limits["min_height"] = minimum
+        default = (
+            parse_resolutions(args.default_resolution, "--default-resolution")[0]
+            if args.default_resolution
+            else resolutions[0]
+        )
+        limits["default_width"], limits["default_height"] = default
+        requests = RequestSettings(
+            **limits,
+            **given(default_steps=args.default_steps, default_guidance_scale=args.default_guidance_scale),
+        )
+        if args.warmup_resolutions is None:
+            warmup = list(resolutions)
+        elif args.warmup_resolutions.strip().lower() == "none":
+            warmup = []
+        else:
+            warmup = parse_resolutions(args.warmup_resolutions, "--warmup-resolutions")
+        return StageConfig(engine=engine, placement=placement, requests=requests, warmup=tuple(warmup))
+    except ConfigError as error:
+        raise ValueError(f"UNet stage: {error}") from None
 
 
 def _check_resolutions(resolutions: Sequence[tuple[int, int]], multiple: int) -> None:
     bad = [f"{w}x{h}" for w, h in resolutions if w % multiple or h % multiple]
     if bad:
-        raise ValueError(
-            f"--resolutions: {', '.join(bad)} not multiples of {multiple} px (this model's UNet)"
-        )
+        raise ValueError(f"resolutions {', '.join(bad)}: not multiples of {multiple} px (this model's UNet)")
 
 
 def _size_multiple(model_dir: Path) -> int:
@@ -260,7 +303,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output: Path = args.output
     templates: Path = args.templates or TEMPLATES_DIR
     unet_template: Path = args.unet_template or templates / "unet"
-    max_resolution = parse_resolutions(args.max_resolution)[0] if args.max_resolution else None
+    max_resolution = (
+        parse_resolutions(args.max_resolution, "--max-resolution")[0] if args.max_resolution else None
+    )
     if args.resolutions:
         resolutions = parse_resolutions(args.resolutions)
         if max_resolution is not None:
@@ -294,7 +339,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         gpu_count = torch.cuda.device_count()
-    unet_params, unet_instances = _unet_parameters(args, gpu_count)
+    unet_stage = unet_stage_config(args, resolutions, max_resolution, gpu_count)
+    requests = unet_stage.requests
+    _check_resolutions(
+        [(requests.default_width, requests.default_height), *unet_stage.warmup], _size_multiple(model_dir)
+    )
 
     progress = Progress(total=7 if args.target == "gpu" else 6)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_resolution,
             batch_sizes,
             max_batch,
-            unet_params,
-            unet_instances,
+            unet_stage,
             gpu_info,
         )
         if output.exists():
@@ -347,8 +395,7 @@ def _build(
     max_resolution: tuple[int, int] | None,
     batch_sizes: list[int],
     max_batch: int,
-    unet_params: dict[str, str],
-    unet_instances: int,
+    unet_stage: Any,
     gpu_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from distrifusion.export import (
@@ -361,6 +408,7 @@ def _build(
         text_encoder_cases,
         vae_decoder_cases,
     )
+    from distrifusion.serving.stage_config import MODEL_DIRECTORY
     from distrifusion.serving.tokenize import SDXLTokenizers
 
     from . import tensorrt as trt_build
@@ -369,7 +417,6 @@ def _build(
         ONNX_RUNTIME_TEMPLATE,
         TOKENIZER,
         UNET,
-        UNET_MODEL_DIRECTORY,
         check_repository,
         copy_tokenizers,
         copy_unet_model,
@@ -460,7 +507,13 @@ def _build(
                 module, spec = modules[name]
                 fp16 = trt_build.stage_precision(name)
                 if name == VAE_DECODER:
-                    sizes = resolutions + ([max_resolution] if max_resolution else [])
+                    # Every size the UNet stage accepts decodes: its bounds are the profile's.
+                    requests = unet_stage.requests
+                    sizes = [
+                        *resolutions,
+                        (requests.min_width, requests.min_height),
+                        (requests.max_width, requests.max_height),
+                    ]
                     profile = trt_build.vae_profile(spec, batch_sizes, sizes, module.scale_factor)
                 else:
                     profile = trt_build.encoder_profile(spec, batch_sizes)
@@ -489,16 +542,17 @@ def _build(
         shutil.copytree(
             unet_template,
             repo / UNET,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", UNET_MODEL_DIRECTORY),
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", MODEL_DIRECTORY),
         )
         if not (repo / UNET / "1").is_dir():
             raise BuildError(f"{unet_template} has no version folder 1/ (with the stage's model.py)")
-        summary = copy_unet_model(model_dir, repo / UNET / "1" / UNET_MODEL_DIRECTORY, variant=args.variant)
+        summary = copy_unet_model(model_dir, repo / UNET / "1" / MODEL_DIRECTORY, variant=args.variant)
+        written = unet_stage.save(repo / UNET / "1")
         progress.log(
-            f"unet/1/{UNET_MODEL_DIRECTORY}: {summary['files']} unet file(s), "
-            f"{summary['bytes'] / 2**20:.1f} MiB; parameters {unet_params}"
+            f"unet/1/{MODEL_DIRECTORY}: {summary['files']} unet file(s), {summary['bytes'] / 2**20:.1f} MiB"
         )
-        manifest["stages"][UNET] = {"parameters": unet_params, "instances": unet_instances, **summary}
+        progress.log(f"unet/1/{written.name}:\n" + unet_stage.to_json_string().rstrip())
+        manifest["stages"][UNET] = {"stage_config": unet_stage.to_dict(), **summary}
 
     with progress.stage("writing config.pbtxt files and checking the repository"):
         generated = "Generated by `python -m build_engines` from model_repository/{name}/config.pbtxt."
@@ -517,13 +571,12 @@ def _build(
         )
         write_config(repo / TOKENIZER, msg, generated.format(name=TOKENIZER))
         unet_template_config = load_template(unet_template.parent, unet_template.name)
-        msg = unet_config(unet_template_config, max_batch, unet_params, unet_instances, max_resolution)
+        msg = unet_config(unet_template_config, max_batch, unet_stage.placement.instances)
         write_config(
             repo / UNET,
             msg,
-            f"Generated by `python -m build_engines` from {unet_template}/config.pbtxt (parameters,\n"
-            f"instance_group and max_batch_size filled in). Relative paths in parameters resolve\n"
-            f"against the version folder unet/1/.",
+            f"Generated by `python -m build_engines` from {unet_template}/config.pbtxt (instance_group\n"
+            f"and max_batch_size filled in). The stage's own settings are in unet/1/stage_config.json.",
         )
         msg = ensemble_config(load_template(templates, ENSEMBLE), max_batch)
         write_config(repo / ENSEMBLE, msg, generated.format(name=ENSEMBLE))

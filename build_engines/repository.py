@@ -8,6 +8,7 @@ Layout written (both targets)::
     <repo>/text_encoder_2/config.pbtxt, 1/...          cpu: 1/model.py + 1/model.onnx
     <repo>/vae_decoder/config.pbtxt, 1/...
     <repo>/unet/config.pbtxt, 1/model.py (and whatever else model_repository/unet/ holds),
+          1/stage_config.json  the stage's settings (distrifusion.serving.stage_config)
           1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/
     <repo>/build_manifest.json                          what was built, from what, with which checks
 """
@@ -25,7 +26,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
+from distrifusion.config import ConfigError
 from distrifusion.export import StageSpec, TensorSpec
+from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, StageConfig
 from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
 from distrifusion.serving.unet_stage import OPTIONAL_INPUTS as UNET_OPTIONAL_INPUTS
 from distrifusion.serving.unet_stage import OUTPUTS as UNET_OUTPUTS
@@ -36,8 +39,6 @@ ENSEMBLE = "sdxl"
 TOKENIZER = "tokenizer"
 UNET = "unet"
 ONNX_RUNTIME_TEMPLATE = "onnx_runtime"
-# Where the UNet stage finds its diffusers directory, relative to the version folder unet/1/.
-UNET_MODEL_DIRECTORY = "model"
 
 TRITON_TYPES = {
     "bool": "TYPE_BOOL",
@@ -110,11 +111,6 @@ def validate_config(msg: ModelConfig) -> list[str]:
     return errors
 
 
-def parameters(msg: ModelConfig) -> dict[str, str]:
-    """The ``parameters`` map of a config as ``{key: string_value}``."""
-    return {key: value.string_value for key, value in msg.parameters.items()}
-
-
 def load_template(templates: Path, name: str) -> ModelConfig:
     path = templates / name / "config.pbtxt"
     if not path.is_file():
@@ -182,34 +178,9 @@ def stage_config(
     return msg
 
 
-def parse_gpu_groups(text: str) -> list[list[int]]:
-    """``"0,1;2,3"`` -> ``[[0, 1], [2, 3]]``: one model instance per group, one rank per GPU."""
-    groups = []
-    for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty GPU group in {text!r}")
-        try:
-            ids = [int(x) for x in part.split(",")]
-        except ValueError:
-            raise ValueError(f"GPU ids must be integers, got {part!r} in {text!r}") from None
-        if any(i < 0 for i in ids):
-            raise ValueError(f"GPU ids must be >= 0 in {text!r}")
-        groups.append(ids)
-    flat = [i for g in groups for i in g]
-    if len(set(flat)) != len(flat):
-        raise ValueError(f"a GPU appears twice in {text!r}")
-    return groups
-
-
-def unet_config(
-    template: ModelConfig,
-    max_batch_size: int,
-    unet_parameters: Mapping[str, str],
-    instances: int,
-    max_resolution: tuple[int, int] | None = None,
-) -> ModelConfig:
-    """The served UNet config: the template with our parameters, instance count, batch size."""
+def unet_config(template: ModelConfig, max_batch_size: int, instances: int) -> ModelConfig:
+    """The served UNet config: the template with the instance count and batch size (the stage's own
+    settings are its stage_config.json, not parameters)."""
     msg = copy.deepcopy(template)
     inputs = _tensors(msg.input)
     outputs = _tensors(msg.output)
@@ -217,13 +188,11 @@ def unet_config(
     missing += [f"output {n}" for n in UNET_OUTPUTS if n not in outputs]
     if missing:
         raise RepositoryError(f"model_repository/unet/config.pbtxt lacks {', '.join(missing)}")
-    values = dict(unet_parameters)
-    if max_resolution is not None:
-        # The UNet stage refuses larger sizes up front (on the gpu target, the VAE engine's
-        # profile ends there).
-        values["max_width"], values["max_height"] = (str(v) for v in max_resolution)
-    for key, value in values.items():
-        msg.parameters[key].string_value = value
+    if msg.parameters:
+        raise RepositoryError(
+            f"model_repository/unet/config.pbtxt: parameters {sorted(msg.parameters)} would not be read "
+            "(the stage's settings are build_engines flags, written to stage_config.json)"
+        )
     msg.max_batch_size = max_batch_size
     del msg.instance_group[:]
     msg.instance_group.add(count=instances, kind=ModelInstanceGroup.KIND_MODEL)
@@ -352,9 +321,25 @@ def check_repository(repo: Path) -> dict[str, ModelConfig]:
     for model, msg in configs.items():
         if msg.platform == "ensemble":
             errors += [f"{model}: {e}" for e in check_ensemble(msg, configs)]
+    if UNET in configs:
+        errors += check_unet_stage(configs[UNET], repo / UNET / "1")
     if errors:
         raise RepositoryError("invalid model repository:\n  " + "\n  ".join(errors))
     return configs
+
+
+def check_unet_stage(msg: ModelConfig, version_folder: Path) -> list[str]:
+    """The stage's settings load, and its config has one model instance per GPU group."""
+    try:
+        stage = StageConfig.from_json_file(version_folder / STAGE_CONFIG_NAME)
+    except ConfigError as err:
+        return [f"unet: {err}"]
+    count = sum(group.count for group in msg.instance_group)
+    if count != stage.placement.instances:
+        return [
+            f"unet: {count} model instance(s), but {stage.placement.instances} rank group(s) in {STAGE_CONFIG_NAME}"
+        ]
+    return []
 
 
 _WEIGHT_FILE = re.compile(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import types
@@ -14,6 +15,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
+from distrifusion.config import ConfigError, DistriConfig
 from distrifusion.export import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -27,13 +29,14 @@ from distrifusion.export import (
     text_encoder_cases,
     vae_decoder_cases,
 )
+from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, StageConfig
 from distrifusion.serving.tokenize import SDXLTokenizers, TokenizeError
 
 ROOT = Path(__file__).resolve().parents[1]
 # build_engines is a top-level folder of the checkout (run as `python -m build_engines`), not installed.
 sys.path.insert(0, str(ROOT))
 from build_engines import tensorrt as trt_build  # noqa: E402
-from build_engines.build import main  # noqa: E402
+from build_engines.build import build_parser, main, unet_stage_config  # noqa: E402
 from build_engines.repository import (  # noqa: E402
     TEMPLATES_DIR,
     RepositoryError,
@@ -42,7 +45,6 @@ from build_engines.repository import (  # noqa: E402
     copy_unet_model,
     format_config,
     load_template,
-    parameters,
     parse_config,
     stage_config,
     tokenizer_spec,
@@ -339,14 +341,17 @@ def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path
         assert "platform" not in (cpu_repo / name / "config.pbtxt").read_text()
 
 
-def test_unet_stage_gets_its_parameters_and_a_diffusers_directory(cpu_repo: Path) -> None:
+def test_unet_stage_gets_its_settings_file_and_a_diffusers_directory(cpu_repo: Path) -> None:
     config = _configs(cpu_repo)["unet"]
-    params = parameters(config)
-    assert params["model_directory"] == "model"
-    assert params["ranks"] == "2" and params["gpus"] == ""
-    assert params["mode"] == "full_sync" and params["warmup_steps"] == "2"
-    assert params["split_batch"] == "false" and params["dtype"] == "fp32" and params["device"] == "cpu"
-    assert params["max_width"] == "512" and params["max_height"] == "512"
+    assert not config.parameters, "config.pbtxt keeps only what Triton reads"
+    stage = StageConfig.from_json_file(cpu_repo / "unet" / "1" / STAGE_CONFIG_NAME)
+    assert stage.placement == Placement(ranks=2, threads_per_rank=1)
+    assert stage.engine == DistriConfig(mode="full_sync", warmup_steps=2, device="cpu")
+    assert stage.engine.dtype == "fp32" and stage.engine.cuda_graphs is False
+    requests = stage.requests
+    assert (requests.max_width, requests.max_height, requests.min_width) == (512, 512, 1)
+    assert (requests.default_width, requests.default_height, requests.default_steps) == (512, 512, 30)
+    assert stage.warmup == ((512, 512),)
     (group,) = config.instance_group
     assert group.kind == ModelInstanceGroup.KIND_MODEL and group.count == 1
 
@@ -369,7 +374,7 @@ def test_manifest_records_the_checks(cpu_repo: Path) -> None:
     for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
         check = manifest["stages"][name]["onnx_check"]
         assert all(err <= check["limit"][out] for out, err in check["max_abs_error"].items())
-    assert manifest["stages"]["unet"]["parameters"]["ranks"] == "2"
+    assert manifest["stages"]["unet"]["stage_config"]["placement"] == {"ranks": 2, "threads_per_rank": 1}
 
 
 # --- the GPU target ---------------------------------------------------------------------------------
@@ -410,8 +415,7 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
     configs["tokenizer"] = stage_config(
         load_template(TEMPLATES_DIR, "tokenizer"), tokenizer_spec(77), 4, None, "KIND_CPU"
     )
-    params = {"gpus": "0,1;2,3", "ranks": "2", "device": "cuda", "dtype": "fp16"}
-    configs["unet"] = unet_config(load_template(TEMPLATES_DIR, "unet"), 4, params, 2, (2048, 1536))
+    configs["unet"] = unet_config(load_template(TEMPLATES_DIR, "unet"), 4, 2)
     configs["sdxl"] = load_template(TEMPLATES_DIR, "sdxl")
     assert check_ensemble(configs["sdxl"], configs) == []
     for name in specs:
@@ -420,9 +424,6 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
         assert configs[name].instance_group[0].kind == ModelInstanceGroup.KIND_GPU
         assert validate_config(configs[name]) == []
     assert _io(configs[TEXT_ENCODER_2], "output")["hidden_states"] == ("TYPE_FP32", [77, 1280])
-    unet_params = parameters(configs["unet"])
-    assert unet_params["gpus"] == "0,1;2,3" and unet_params["max_width"] == "2048"
-    assert unet_params["max_height"] == "1536"
     assert configs["unet"].instance_group[0].count == 2
 
 
@@ -434,6 +435,71 @@ def test_tensorrt_profiles_span_the_requested_batches_and_sizes() -> None:
     profile = trt_build.vae_profile(vae_decoder_spec(4), [1, 2], [(1024, 1024), (2048, 1536)], 8)
     assert profile.shapes == {"latents": ((1, 4, 128, 128), (1, 4, 128, 128), (2, 4, 192, 256))}
     assert trt_build.stage_precision(TEXT_ENCODER) and not trt_build.stage_precision(VAE_DECODER)
+
+
+def _gpu_stage(*flags: str, resolutions: str = "1024x1024,2048x1536", gpus: int = 4) -> StageConfig:
+    from build_engines.build import parse_resolutions
+
+    args = build_parser().parse_args(["--model", "m", "--output", "o", "--target", "gpu", *flags])
+    sizes = parse_resolutions(resolutions)
+    largest = (max(w for w, _ in sizes), max(h for _, h in sizes))
+    return unet_stage_config(args, sizes, largest, gpus)
+
+
+def test_gpu_builds_serve_with_cuda_graphs_unless_told_not_to() -> None:
+    stage = _gpu_stage("--unet-gpus", "0,1;2,3")
+    assert stage.engine.device == "cuda" and stage.engine.cuda_graphs and stage.engine.dtype == "fp16"
+    assert stage.placement.gpus == ((0, 1), (2, 3)) and stage.placement.instances == 2
+    assert not _gpu_stage("--no-cuda-graphs").engine.cuda_graphs
+    every_gpu = _gpu_stage()
+    assert every_gpu.placement.gpus == ((0, 1, 2, 3),)
+
+
+def test_gpu_requests_are_bounded_by_the_vae_profile() -> None:
+    requests = _gpu_stage().requests
+    # The VAE engine's profile spans the resolutions; smaller sizes would fail in TensorRT only
+    # after every GPU denoised them.
+    assert (requests.min_width, requests.min_height) == (1024, 1024)
+    assert (requests.max_width, requests.max_height) == (2048, 1536)
+    assert (requests.default_width, requests.default_height) == (1024, 1024)
+    assert _gpu_stage().warmup == ((1024, 1024), (2048, 1536))
+    assert _gpu_stage("--warmup-resolutions", "none").warmup == ()
+    wider = _gpu_stage("--min-resolution", "512x512").requests
+    assert (wider.min_width, wider.min_height) == (512, 512)
+
+
+def test_the_stage_config_round_trips_and_names_unknown_settings(tmp_path: Path) -> None:
+    stage = _gpu_stage("--unet-gpus", "0,1", "--mode", "sync_gn", "--comm-batch-size", "30")
+    assert StageConfig.from_dict(json.loads(stage.to_json_string())) == stage
+    for broken, message in (
+        ({"engine": {"cuda_graph": True}}, "engine.cuda_graph: unknown setting"),
+        ({"enigne": {}}, "enigne: unknown setting"),
+        ({"requests": {"max_widht": 1}}, "requests.max_widht: unknown setting"),
+        ({"engine": {"mode": "warp"}}, "engine.mode: unknown mode 'warp'"),
+        ({"placement": {"gpus": [[0, 1], [1, 2]]}}, "placement.gpus: a GPU appears in more than one place"),
+        ({"placement": {"gpus": [[0, 1], [2]]}}, "placement.gpus: every instance needs the same number"),
+        ({"placement": {"gpus": [[0]], "ranks": 2}}, "'ranks' and 'threads_per_rank' are for the CPU"),
+        ({"engine": {"split_batch": True}, "placement": {"ranks": 3}}, "engine.split_batch: needs an even"),
+        ({"requests": {"max_width": 512}}, "requests.default_width: must be an integer from 1 to 512"),
+        ({"engine": {"warmup_steps": True}}, "engine.warmup_steps: must be an integer >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            StageConfig.from_dict(broken)
+    path = tmp_path / STAGE_CONFIG_NAME
+    path.write_text('{"engine": {"mode": "full_sync"}, "requests": {"default_steps": 0}}')
+    with pytest.raises(
+        ConfigError, match=r"stage_config.json: requests.default_steps: must be an integer >= 1"
+    ):
+        StageConfig.from_json_file(path)
+
+
+def test_the_stage_refuses_instances_and_gpus_it_does_not_have() -> None:
+    placement = Placement(gpus="0,1;2,3")
+    assert placement.instance_gpus(1, available=4) == (2, 3)
+    with pytest.raises(ConfigError, match=r"names GPU\(s\) \[2, 3\] this machine lacks \(it has 2\)"):
+        placement.instance_gpus(1, available=2)
+    with pytest.raises(ConfigError, match="2 group\\(s\\) in '0,1;2,3', but this is instance 2"):
+        placement.instance_gpus(2, available=4)
 
 
 # --- consistency checks and arguments ---------------------------------------------------------------
@@ -521,7 +587,11 @@ def test_check_ensemble_finds_inconsistencies() -> None:
         (["--target", "cpu", "--unet-gpus", "0,1"], "--unet-gpus"),
         (["--target", "cpu", "--resolutions", "1000x1000"], "not multiples of 32"),
         (["--target", "cpu", "--resolutions", "1024"], "WIDTHxHEIGHT"),
-        (["--target", "cpu", "--split-batch", "--unet-ranks", "3"], "--split-batch"),
+        (["--target", "cpu", "--split-batch", "--unet-ranks", "3"], "split_batch: needs an even number"),
+        (["--target", "cpu", "--cuda-graphs"], "cuda_graphs: CUDA graphs need device='cuda'"),
+        (["--target", "cpu", "--default-resolution", "520x512"], "not multiples of 32"),
+        (["--target", "cpu", "--max-resolution", "512x512", "--warmup-resolutions", "1024x1024"], "warmup"),
+        (["--target", "cpu", "--unet-ranks", "0"], "placement.ranks: must be an integer >= 1"),
         (["--target", "cpu", "--mode", "warp"], "mode"),
         (["--target", "cpu", "--batch-sizes", "0"], "--batch-sizes"),
         (["--target", "cpu", "--max-resolution", "512x512", "--resolutions", "1024x1024"], "exceed"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from device_hooks import PLACEMENTS_FILE
 from diffusers import StableDiffusionXLPipeline
 from processes import descendants, still_running_after
 
 from distrifusion.config import ConfigError, DistriConfig
+from distrifusion.pipeline import DistriPipeline
 from distrifusion.serving.unet_group import DenoiseRequest, UNetGroup
+from distrifusion.topology import Topology
 
 PROMPT, NEGATIVE = "a lighthouse at dawn", "fog"
 
@@ -97,3 +102,50 @@ def test_workers_exit_when_their_parent_is_killed(tiny_sdxl_dir: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.parametrize("devices", [[2, 3], [1]])
+def test_every_rank_is_placed_on_its_own_gpu_through_the_device_hook(
+    tiny_sdxl_dir: Path, tmp_path: Path, devices: list[int]
+) -> None:
+    """Instance 1 of gpus "0,1;2,3" puts rank 0 (the stub's process) on GPU 2 and rank 1 on GPU 3;
+    a one-GPU instance ("0;1", instance 1) puts its only rank on GPU 1, not on GPU 0."""
+    log = tmp_path / "placements"
+    script = textwrap.dedent(f"""
+        import json, os
+        from device_hooks import record_placement
+        from distrifusion.config import DistriConfig
+        from distrifusion.serving.unet_group import UNetGroup
+        group = UNetGroup({str(tiny_sdxl_dir)!r}, DistriConfig(), ranks={len(devices)}, devices={devices},
+                          threads_per_rank=1, placement=record_placement)
+        print(json.dumps({{"pid": os.getpid(), "devices": group.devices}}), flush=True)
+        group.close()
+    """)
+    env = {**os.environ, PLACEMENTS_FILE: str(log), "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    lines = [line.split() for line in log.read_text().splitlines()]
+    by_process = {int(pid): int(index) for pid, _, index in lines}
+    assert len(lines) == len(devices) == len(by_process)
+    assert by_process[report["pid"]] == devices[0], "rank 0 runs in the stub process"
+    assert sorted(by_process.values()) == sorted(devices)
+    assert report["devices"] == ["cpu"] * len(devices)  # each rank reports where the hook put it
+
+
+def test_the_stop_vote_is_a_host_tensor_on_the_control_group(
+    tiny_sdxl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On GPUs the vote must not queue behind the asynchronous all-gathers on the NCCL stream (and
+    sync the host with them): it goes over the topology's control group (gloo), on the CPU."""
+    control = object()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipeline = DistriPipeline(pipe, DistriConfig(), Topology(world=2, rank=0, control=control))
+    sent = []
+    monkeypatch.setattr(
+        dist, "broadcast", lambda tensor, src, group=None: sent.append((tensor.device.type, group))
+    )
+    assert pipeline._agreed_stop(lambda: True)
+    assert sent == [("cpu", control)]

@@ -32,27 +32,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def select_device(device: str, index: int | None) -> torch.device:
+    """The engine's device hook: makes GPU ``index`` this process's current device (CUDA), or the CPU.
+
+    ``index`` counts the GPUs this process sees, so an outer ``CUDA_VISIBLE_DEVICES`` is honoured;
+    nothing here depends on whether CUDA was already initialised in the process (importing
+    diffusers enumerates the devices).
+    """
+    if device != "cuda":
+        return torch.device("cpu")
+    if index is None:
+        raise ValueError("select_device: a CUDA rank needs a GPU index")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def init_from_environment(device: str) -> None:
     """Joins the group torchrun describes; on CUDA each rank takes the GPU of its local rank."""
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    select_device(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
     dist.init_process_group(default_backend(device))
 
 
 def init_local_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    device: str,
-    cuda_index: int | None = None,
-    timeout: datetime.timedelta | None = None,
+    rank: int, world_size: int, port: int, device: str, timeout: datetime.timedelta | None = None
 ) -> None:
     """Joins a group of ``world_size`` processes on this machine, rendezvous on 127.0.0.1:``port``.
 
-    On CUDA the rank uses GPU ``cuda_index`` (default: its rank).
+    The device must be selected first (:func:`select_device`).
     """
-    if device == "cuda":
-        torch.cuda.set_device(rank if cuda_index is None else cuda_index)
     dist.init_process_group(
         default_backend(device),
         init_method=f"tcp://127.0.0.1:{port}",
@@ -75,6 +82,7 @@ def _rank_main(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        select_device(device, rank)
         init_local_rank(rank, world_size, port, device)
         result = fn(*args)
         # Plain pickle copies tensors by value; torch's queue pickler would pass shared-memory

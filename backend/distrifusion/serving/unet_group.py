@@ -26,8 +26,12 @@ import torch.multiprocessing as mp
 from diffusers import DiffusionPipeline
 
 from ..config import ConfigError, DistriConfig
-from ..launch import free_port, init_local_rank
+from ..launch import free_port, init_local_rank, select_device
 from ..pipeline import DistriPipeline
+
+DevicePlacement = Callable[[str, "int | None"], torch.device]
+"""``(device, GPU index) -> torch.device``: the hook that puts a rank on its device (see
+:func:`distrifusion.launch.select_device`, the default); called first thing in every rank."""
 
 # Components the UNet stage never needs; the text encoders and the VAE are separate models.
 _SKIPPED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "image_encoder")
@@ -59,12 +63,28 @@ class DenoiseResult:
     interrupted: bool
 
 
-def load_unet_pipeline(model_directory: str, config: DistriConfig) -> DistriPipeline:
-    """The diffusers pipeline with only its UNet and scheduler, patch-parallel."""
+def load_unet_pipeline(model_directory: str, config: DistriConfig, device: torch.device) -> DistriPipeline:
+    """The diffusers pipeline with only its UNet and scheduler, patch-parallel, on ``device``."""
     skipped = dict.fromkeys(_SKIPPED_COMPONENTS)
     pipe = DiffusionPipeline.from_pretrained(model_directory, dtype=config.torch_dtype, **skipped)
-    device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else "cpu"
     return DistriPipeline(pipe.to(device), config)
+
+
+def warmup_request(unet_config: Any, height: int, width: int, text_tokens: int, steps: int) -> DenoiseRequest:
+    """A request of zero embeddings that runs every step phase of ``height`` x ``width`` at batch 1."""
+    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    embeds = torch.zeros(1, text_tokens, unet_config.cross_attention_dim)
+    return DenoiseRequest(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=torch.zeros(1, pooled),
+        negative_prompt_embeds=embeds,
+        negative_pooled_prompt_embeds=torch.zeros(1, pooled),
+        seeds=[0],
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+    )
 
 
 def _never() -> bool:
@@ -114,21 +134,20 @@ def _worker_main(
     config: DistriConfig,
     model_directory: str,
     device_index: int | None,
+    placement: DevicePlacement,
     threads: int | None,
     parent: int,
     commands: Any,
     replies: Any,
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if device_index is not None:
-        # Before CUDA starts in this process: this rank sees its one GPU only.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        init_local_rank(rank, world, port, config.device, cuda_index=0, timeout=_COLLECTIVE_TIMEOUT)
-        pipeline = load_unet_pipeline(model_directory, config)
-        replies.send(("ready", None))
+        device = placement(config.device, device_index)
+        init_local_rank(rank, world, port, config.device, timeout=_COLLECTIVE_TIMEOUT)
+        pipeline = load_unet_pipeline(model_directory, config, device)
+        replies.send(("ready", str(device)))
     except Exception:
         replies.send(("failed", traceback.format_exc()))
         return
@@ -148,7 +167,7 @@ class UNetGroup:
     """Rank 0 of one patch-parallel group, owning the worker processes of the other ranks.
 
     ``devices``: GPU indices, one per rank (CUDA), or None on the CPU, where ``ranks`` processes
-    share the cores (``threads_per_rank`` each).
+    share the cores (``threads_per_rank`` each). ``placement`` puts each rank on its device.
     """
 
     def __init__(
@@ -158,12 +177,15 @@ class UNetGroup:
         ranks: int,
         devices: list[int] | None = None,
         threads_per_rank: int | None = None,
+        placement: DevicePlacement = select_device,
     ) -> None:
         config.validate_world(ranks)
         if devices is not None and len(devices) != ranks:
             raise ConfigError(f"devices: need one GPU per rank ({ranks}), got {devices}")
         self.ranks = ranks
         self.config = config
+        self.devices: list[str] = []
+        """Each rank's device, as the rank itself reported it."""
         self._workers: list[Any] = []
         self._commands: list[Any] = []
         self._replies: list[Any] = []
@@ -177,8 +199,8 @@ class UNetGroup:
             device_index = devices[rank] if devices is not None else None
             worker = context.Process(
                 target=_worker_main,
-                args=(rank, ranks, port, config, model_directory, device_index, threads_per_rank, os.getpid(),
-                      command_reader, reply_writer),
+                args=(rank, ranks, port, config, model_directory, device_index, placement, threads_per_rank,
+                      os.getpid(), command_reader, reply_writer),
                 daemon=True,
                 name=f"distrifusion-rank{rank}",
             )  # fmt: skip
@@ -187,12 +209,11 @@ class UNetGroup:
             self._commands.append(command_writer)
             self._replies.append(reply_reader)
         try:
+            device = placement(config.device, devices[0] if devices else None)
+            self.devices.append(str(device))
             if ranks > 1:
-                cuda_index = devices[0] if devices else None
-                init_local_rank(
-                    0, ranks, port, config.device, cuda_index=cuda_index, timeout=_COLLECTIVE_TIMEOUT
-                )
-            self.pipeline = load_unet_pipeline(model_directory, config)
+                init_local_rank(0, ranks, port, config.device, timeout=_COLLECTIVE_TIMEOUT)
+            self.pipeline = load_unet_pipeline(model_directory, config, device)
             self._await_workers_ready()
         except BaseException:
             self.close()
@@ -211,6 +232,24 @@ class UNetGroup:
             request.guidance_scale,
             request.scheduler,
         )
+
+    def warm_up(self, height: int, width: int, text_tokens: int) -> None:
+        """Runs every step phase of this size once (two short generations at batch 1), so that
+        CUDA graphs are captured, communicators formed and kernels tuned before serving."""
+        unet_config = self.pipeline.unet.config
+        # The first generation records the exchange and captures the steady and last steps; the
+        # second captures the warm-up steps, which only become graphable once the exchange is fixed.
+        first_async = self.config.warmup_steps + 1
+        try:
+            for steps in (first_async + 3, first_async + 1):
+                self.denoise(warmup_request(unet_config, height, width, text_tokens, steps))
+        except Exception as error:
+            hint = (
+                " (CUDA graphs are on: build with --no-cuda-graphs to serve eager, measured slower)"
+                if self.config.cuda_graphs
+                else ""
+            )
+            raise RuntimeError(f"warm-up at {width}x{height} failed{hint}: {error}") from error
 
     def denoise(self, request: DenoiseRequest, should_stop: Callable[[], bool] = _never) -> DenoiseResult:
         """Runs the request on every rank; ``should_stop()`` (checked each step) ends it early."""
@@ -254,6 +293,7 @@ class UNetGroup:
             status, detail = replies.recv()
             if status != "ready":
                 raise RuntimeError(f"rank {rank} failed to start:\n{detail}")
+            self.devices.append(detail)
 
     def _raise_worker_failures(self) -> None:
         for rank, replies in enumerate(self._replies, start=1):

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, DistriConfig
+from ..config import ConfigError
 from ..unet import StepRecord
+from .stage_config import MODEL_DIRECTORY, STAGE_CONFIG_NAME, RequestSettings, StageConfig
 from .unet_group import DenoiseRequest, UNetGroup
 
 ENCODER_INPUTS = (
@@ -32,7 +33,6 @@ REQUIRED_INPUTS = (*ENCODER_INPUTS, "negative_given")
 OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
 INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS)
 OUTPUTS = ("latents", "seed")
-DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 30, "guidance_scale": 5.0}
 
 
 class Cancelled(Exception):
@@ -69,10 +69,12 @@ class StageResult:
     """``[rows, 1]`` int64."""
 
 
-def _shared_scalar(inputs: Mapping[str, np.ndarray | None], name: str, rows: int, kind: type) -> Any:
+def _shared_scalar(
+    inputs: Mapping[str, np.ndarray | None], name: str, rows: int, kind: type, default: Any = None
+) -> Any:
     value = inputs.get(name)
     if value is None:
-        return DEFAULTS.get(name)
+        return default
     flat = np.asarray(value).reshape(-1)
     if flat.size != rows:
         raise ConfigError(f"{name}: expected one value per prompt ({rows}), got {flat.size}")
@@ -90,7 +92,7 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
-def parse_request(inputs: Mapping[str, np.ndarray | None], max_height: int, max_width: int) -> StageRequest:
+def parse_request(inputs: Mapping[str, np.ndarray | None], settings: RequestSettings) -> StageRequest:
     """Checks one request's tensors; raises ConfigError naming the first bad field."""
     for name in REQUIRED_INPUTS:
         if inputs.get(name) is None:
@@ -100,12 +102,15 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], max_height: int, max_
     for name, array in encodings.items():
         if array.shape[0] != rows or not np.isfinite(array).all():
             raise ConfigError(f"{name}: expected {rows} rows of finite values, got shape {array.shape}")
-    height = _shared_scalar(inputs, "height", rows, int)
-    width = _shared_scalar(inputs, "width", rows, int)
-    for name, size, limit in (("height", height, max_height), ("width", width, max_width)):
-        if size > limit:
-            raise ConfigError(f"{name}: at most {limit} pixels in this deployment, got {size}")
-    guidance = _shared_scalar(inputs, "guidance_scale", rows, float)
+    height = _shared_scalar(inputs, "height", rows, int, settings.default_height)
+    width = _shared_scalar(inputs, "width", rows, int, settings.default_width)
+    for name, size in (("height", height), ("width", width)):
+        low, high = getattr(settings, f"min_{name}"), getattr(settings, f"max_{name}")
+        if size > high:
+            raise ConfigError(f"{name}: at most {high} pixels in this deployment, got {size}")
+        if size < low:
+            raise ConfigError(f"{name}: at least {low} pixels in this deployment, got {size}")
+    guidance = _shared_scalar(inputs, "guidance_scale", rows, float, settings.default_guidance_scale)
     scheduler = inputs.get("scheduler")
     scheduler_name = None
     if scheduler is not None:
@@ -121,7 +126,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], max_height: int, max_
         negative_given=np.asarray(inputs["negative_given"], dtype=bool).reshape(rows),
         height=height,
         width=width,
-        num_inference_steps=_shared_scalar(inputs, "num_inference_steps", rows, int),
+        num_inference_steps=_shared_scalar(inputs, "num_inference_steps", rows, int, settings.default_steps),
         guidance_scale=guidance,
         seeds=seeds,
         scheduler=scheduler_name,
@@ -158,86 +163,56 @@ def denoise_request(requests: list[StageRequest], force_zeros_for_empty_prompt: 
     )
 
 
-def _integer(parameters: Mapping[str, str], name: str, default: int) -> int:
-    value = parameters.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ConfigError(f"{name}: must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _boolean(parameters: Mapping[str, str], name: str) -> bool:
-    value = parameters.get(name, "false").strip().lower()
-    if value not in ("true", "false"):
-        raise ConfigError(f"{name}: must be 'true' or 'false', got {value!r}")
-    return value == "true"
-
-
-def instance_ranks(parameters: Mapping[str, str], instance_name: str) -> tuple[int, list[int] | None]:
-    """(ranks, GPU list) of this instance from the ``gpus`` ("0,1;2,3") or ``ranks`` parameter."""
-    gpus = parameters.get("gpus", "").strip()
-    if not gpus:
-        ranks = _integer(parameters, "ranks", 2)
-        if ranks < 1:
-            raise ConfigError(f"ranks: must be a positive integer, got {ranks}")
-        return ranks, None
-    groups = [group.strip() for group in gpus.split(";")]
-    parsed: list[list[int]] = []
-    for group in groups:
-        if not re.fullmatch(r"\d+(,\d+)*", group):
-            raise ConfigError(
-                f"gpus: expected comma-separated GPU indices per group, ';' between groups, got {gpus!r}"
-            )
-        parsed.append([int(index) for index in group.split(",")])
-    every = [index for group in parsed for index in group]
-    if len(set(every)) != len(every):
-        raise ConfigError(f"gpus: a GPU appears in more than one place in {gpus!r}")
-    available = torch.cuda.device_count()
-    if any(index >= available for index in every):
-        raise ConfigError(f"gpus: {gpus!r} names a GPU this machine lacks (it has {available})")
-    match = re.search(r"_(\d+)$", instance_name)
-    instance = int(match.group(1)) if match else 0
-    if instance >= len(parsed):
-        raise ConfigError(f"gpus: {len(parsed)} group(s) in {gpus!r}, but this is instance {instance}")
-    return len(parsed[instance]), parsed[instance]
-
-
 class UNetStage:
     """The patch-parallel group of one model instance plus request handling."""
 
-    def __init__(self, group: UNetGroup, force_zeros_for_empty_prompt: bool, max_height: int, max_width: int):
+    def __init__(self, group: UNetGroup, force_zeros_for_empty_prompt: bool, requests: RequestSettings):
         self.group = group
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.max_height = max_height
-        self.max_width = max_width
+        self.requests = requests
         self._steps: list[StepRecord] = []
         self._server = os.getppid()
 
     @classmethod
-    def from_parameters(
-        cls, parameters: Mapping[str, str], version_directory: str, instance_name: str
+    def load(cls, model_config: Mapping[str, Any], version_directory: str, instance_name: str) -> UNetStage:
+        """The stage of one Triton model instance: its ``config.pbtxt`` (as the JSON Triton passes to
+        ``initialize``), its version folder, and its instance name (``unet_0_<index>``)."""
+        if model_config.get("parameters"):
+            # The settings live in stage_config.json: a parameter here would be silently ignored.
+            raise ConfigError(
+                f"config.pbtxt parameters {sorted(model_config['parameters'])} are not read: the UNet "
+                f"stage's settings are in {STAGE_CONFIG_NAME} (written by build_engines)"
+            )
+        config = StageConfig.from_json_file(os.path.join(version_directory, STAGE_CONFIG_NAME))
+        tokens = next(t["dims"][0] for t in model_config["input"] if t["name"] == ENCODER_INPUTS[0])
+        match = re.search(r"_(\d+)$", instance_name)
+        return cls.from_config(config, version_directory, int(match.group(1)) if match else 0, int(tokens))
+
+    @classmethod
+    def from_config(
+        cls, config: StageConfig, version_directory: str, instance: int, text_tokens: int
     ) -> UNetStage:
-        """Builds the stage from the model config's parameters (all strings, as Triton gives them)."""
-        ranks, gpus = instance_ranks(parameters, instance_name)
-        config = DistriConfig(
-            mode=parameters.get("mode", "corrected_async_gn"),
-            warmup_steps=_integer(parameters, "warmup_steps", 4),
-            split_batch=_boolean(parameters, "split_batch"),
-            dtype=parameters.get("dtype", "fp16" if gpus else "fp32"),
-            device="cuda" if gpus else "cpu",
-            cuda_graphs=_boolean(parameters, "cuda_graphs"),
+        """Starts the group of model instance ``instance`` and warms it up at ``config.warmup``.
+
+        ``text_tokens``: the token count of the text encoders' hidden states (the warm-up's shape).
+        """
+        placement = config.placement
+        gpus = placement.instance_gpus(instance, torch.cuda.device_count() if placement.gpus else 0)
+        group = UNetGroup(
+            os.path.join(version_directory, MODEL_DIRECTORY),
+            config.engine,
+            placement.ranks_per_instance,
+            None if gpus is None else list(gpus),
+            placement.threads_per_rank,
         )
-        model_directory = os.path.join(version_directory, parameters.get("model_directory", "model"))
-        threads = _integer(parameters, "threads_per_rank", 0) or None
-        group = UNetGroup(model_directory, config, ranks, gpus, threads)
-        force_zeros = bool(group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True))
-        return cls(
-            group,
-            force_zeros,
-            _integer(parameters, "max_height", 4096),
-            _integer(parameters, "max_width", 4096),
-        )
+        try:
+            force_zeros = bool(group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True))
+            for width, height in config.warmup:
+                group.warm_up(height, width, text_tokens)
+        except BaseException:
+            group.close()
+            raise
+        return cls(group, force_zeros, config.requests)
 
     def run(
         self, inputs: list[Mapping[str, np.ndarray | None]], cancelled: list[Callable[[], bool]]
@@ -250,7 +225,7 @@ class UNetStage:
                 outcomes[index] = Cancelled("request cancelled")
                 continue
             try:
-                request = parse_request(request_inputs, self.max_height, self.max_width)
+                request = parse_request(request_inputs, self.requests)
                 self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
             except ConfigError as error:
                 outcomes[index] = error

@@ -15,10 +15,11 @@ _ERROR_CODES = {"invalid_argument": "INVALID_ARG", "cancelled": "CANCELLED", "in
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        version_directory = os.path.join(args["model_repository"], args["model_version"])
-        self.stage = UNetStage.from_parameters(parameters, version_directory, args["model_instance_name"])
+        self.stage = UNetStage.load(
+            json.loads(args["model_config"]),
+            os.path.join(args["model_repository"], args["model_version"]),
+            args["model_instance_name"],
+        )
         self.instance_labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.specs = {spec.name: spec for spec in METRICS}
         self.families = {
