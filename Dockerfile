@@ -147,7 +147,9 @@ EXPOSE 8000 8001 8002
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
-ENTRYPOINT ["/opt/distrifusion/deploy/docker/entrypoint.sh"]
+# The NGC image's own entrypoint first (it sets up CUDA forward compatibility on older drivers and
+# then runs its arguments), then ours; the engine-build Job's containers chain it the same way.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/distrifusion/deploy/docker/entrypoint.sh"]
 CMD ["tritonserver", \
      "--model-repository=/models/repository", \
      "--model-control-mode=none", \

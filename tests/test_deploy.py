@@ -40,10 +40,13 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 # a batch of 4, 50 steps on one 4-GPU group, plus its queueing. Shutdown must outlast it.
 LONGEST_REQUEST_SECONDS = 300
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# The entrypoint of NGC images (nvcr.io/nvidia/tritonserver): it sets up CUDA forward compatibility
+# (the compat libraries on drivers older than the image's CUDA), then runs its arguments.
+NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
 
 sys.path.insert(0, str(ROOT))
-from build_engines.build import build_parser  # noqa: E402
-from build_engines.repository import parse_config, parse_gpu_groups  # noqa: E402
+from build_engines.build import build_parser, parse_resolutions, unet_stage_config  # noqa: E402
+from build_engines.repository import parse_config  # noqa: E402
 
 
 def _load_repository_key():
@@ -393,7 +396,10 @@ def test_server_flags(stage: str) -> None:
     assert int(flags["--exit-timeout-secs"][0]) > LONGEST_REQUEST_SECONDS
     exposed = [i for i in stages[stage] if i.startswith("EXPOSE ")]
     assert exposed == ["EXPOSE 8000 8001 8002"]
-    assert _json_instruction(stages[stage], "ENTRYPOINT") == ["/opt/distrifusion/deploy/docker/entrypoint.sh"]
+    ours = "/opt/distrifusion/deploy/docker/entrypoint.sh"
+    # On the NGC base, its own entrypoint (CUDA forward compatibility) runs first and then ours.
+    expected = [NGC_ENTRYPOINT, ours] if stage == "server" else [ours]
+    assert _json_instruction(stages[stage], "ENTRYPOINT") == expected
     volumes = [json.loads(i[len("VOLUME ") :]) for i in stages[stage] if i.startswith("VOLUME ")]
     assert any(
         flags["--model-repository"][0] == v or flags["--model-repository"][0].startswith(v + "/")
@@ -568,18 +574,40 @@ def test_gpu_overlay_gives_each_pod_one_unet_group_on_all_its_gpus(rendered: dic
     key = _engine_key(objects)
     args = build_parser().parse_args([_expand(a, _env(builder, key)) for a in builder["args"]])
     assert args.target == "gpu"
-    groups = parse_gpu_groups(args.unet_gpus)
-    # One UNet instance (KIND_MODEL) per pod, one rank per GPU of the pod: the unet `gpus` parameter
-    # the build writes is "0,1,2,3".
-    assert groups == [list(range(gpus))]
+    sizes = parse_resolutions(args.resolutions)
+    # The Job's node has one GPU: the UNet stage's settings must not depend on it.
+    stage = unet_stage_config(args, sizes, (max(w for w, _ in sizes), max(h for _, h in sizes)), gpu_count=1)
+    # One UNet instance (KIND_MODEL) per pod, one rank per GPU of the pod.
+    assert stage.placement.gpus == (tuple(range(gpus)),)
+    # What BENCHMARKS.md measured: fp16 with CUDA graphs, corrected_async_gn (written by the Job
+    # itself, not left to a default).
+    assert "--cuda-graphs" in builder["args"]
+    assert stage.engine.cuda_graphs and stage.engine.dtype == "fp16"
+    assert stage.engine.mode == "corrected_async_gn"
     template = parse_config((ROOT / "model_repository" / "unet" / "config.pbtxt").read_text())
-    assert {"gpus", "ranks"} <= set(template.parameters)
+    assert not template.parameters
     assert [g.kind for g in template.instance_group] == [template.instance_group[0].KIND_MODEL]
     # /dev/shm for the Python backend and NCCL, in memory, bounded.
     shm = _volume(pod, "dshm")["emptyDir"]
     assert shm["medium"] == "Memory" and shm["sizeLimit"].endswith("Gi") and int(shm["sizeLimit"][:-2]) >= 8
     assert _volume_mount(container, "dshm")["mountPath"] == "/dev/shm"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_gpu_containers_start_through_the_ngc_entrypoint(rendered: dict) -> None:
+    """A container ``command`` replaces the image's ENTRYPOINT: on NGC-based images it must chain
+    to NGC's entrypoint itself, or CUDA forward compatibility is never set up."""
+    checked = 0
+    for obj in rendered["gpu-h100-4x"]:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if pod is None:
+            continue
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            image = container["image"].split("/")[-1]
+            if image.startswith(("sdxl-triton:", "sdxl-triton-engine-builder:")) and "command" in container:
+                assert container["command"][0] == NGC_ENTRYPOINT, container["name"]
+                checked += 1
+    assert checked >= 2  # the engine-build Job's key check and build
 
 
 def test_cpu_overlay_builds_the_small_model_and_serves_it(rendered: dict) -> None:
