@@ -60,3 +60,7 @@ def test_invalid_configurations_exit_with_a_named_error(tiny_sdxl_dir: Path, tmp
     assert too_small.returncode == 2
     assert "smallest valid height for 4 bands is 128 pixels" in too_small.stderr
     assert not (tmp_path / "latents.npy").exists()
+
+    graphs_on_cpu = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--cuda-graphs")])
+    assert graphs_on_cpu.returncode == 2
+    assert "cuda_graphs: CUDA graphs need device='cuda'" in graphs_on_cpu.stderr

@@ -35,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.CORRECTED_ASYNC_GN.value)
     parser.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps after the first")
     parser.add_argument("--split-batch", action="store_true", help="half the ranks per guidance branch")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="capture UNet steps as CUDA graphs (default: on for cuda; cpu cannot)",
+    )
     parser.add_argument("--ranks", type=int, default=1, help="local ranks to start when not under torchrun")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="default: ./outputs")
     return parser
@@ -50,6 +55,7 @@ def generate(args: argparse.Namespace) -> dict | None:
         split_batch=args.split_batch,
         dtype=args.dtype,
         device=args.device,
+        cuda_graphs=args.cuda_graphs,
     )
     pipeline = DistriPipeline.from_pretrained(args.model, config)
     negative = args.negative_prompt
@@ -83,9 +89,9 @@ def generate(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        DistriConfig(mode=args.mode, split_batch=args.split_batch, device=args.device).validate_world(
-            args.ranks
-        )
+        DistriConfig(
+            mode=args.mode, split_batch=args.split_batch, device=args.device, cuda_graphs=args.cuda_graphs
+        ).validate_world(args.ranks)
         if under_torchrun():
             init_from_environment(args.device)
             summary = generate(args)
