@@ -15,6 +15,22 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
+from build_engines import tensorrt as trt_build
+from build_engines.build import build_parser, main, unet_stage_config
+from build_engines.repository import (
+    TEMPLATES_DIR,
+    RepositoryError,
+    check_ensemble,
+    check_repository,
+    copy_unet_model,
+    format_config,
+    load_template,
+    parse_config,
+    stage_config,
+    tokenizer_spec,
+    unet_config,
+    validate_config,
+)
 from distrifusion.config import ConfigError, DistriConfig
 from distrifusion.export import (
     TEXT_ENCODER,
@@ -33,24 +49,6 @@ from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, Stag
 from distrifusion.serving.tokenize import SDXLTokenizers, TokenizeError
 
 ROOT = Path(__file__).resolve().parents[1]
-# build_engines is a top-level folder of the checkout (run as `python -m build_engines`), not installed.
-sys.path.insert(0, str(ROOT))
-from build_engines import tensorrt as trt_build  # noqa: E402
-from build_engines.build import build_parser, main, unet_stage_config  # noqa: E402
-from build_engines.repository import (  # noqa: E402
-    TEMPLATES_DIR,
-    RepositoryError,
-    check_ensemble,
-    check_repository,
-    copy_unet_model,
-    format_config,
-    load_template,
-    parse_config,
-    stage_config,
-    tokenizer_spec,
-    unet_config,
-    validate_config,
-)
 
 BOS, EOS = 49406, 49407
 EXPECTED_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}

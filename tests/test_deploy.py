@@ -22,12 +22,16 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from build_engines.build import build_parser, parse_resolutions, unet_stage_config
+from build_engines.repository import parse_config
+
+pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -43,10 +47,6 @@ PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # The entrypoint of NGC images (nvcr.io/nvidia/tritonserver): it sets up CUDA forward compatibility
 # (the compat libraries on drivers older than the image's CUDA), then runs its arguments.
 NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
-
-sys.path.insert(0, str(ROOT))
-from build_engines.build import build_parser, parse_resolutions, unet_stage_config  # noqa: E402
-from build_engines.repository import parse_config  # noqa: E402
 
 
 def _load_repository_key():

@@ -16,6 +16,9 @@ from distributed_cases import generate_cases, patch_op_errors, reference_outputs
 
 from distrifusion.launch import spawn_local
 
+# Multi-rank equality runs on gloo: minutes.
+pytestmark = pytest.mark.slow
+
 PROMPT = "a watercolor painting of a lighthouse at dawn"
 NEGATIVE = "blurry, low contrast"
 STEPS = 6

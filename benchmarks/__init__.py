@@ -1,0 +1,1 @@
+"""The benchmarks (run as scripts: python benchmarks/<name>.py) and their shared harness."""

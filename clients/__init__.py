@@ -1,0 +1,1 @@
+"""Clients of the served `sdxl` ensemble (run as scripts: python clients/sdxl_client.py)."""
