@@ -1,5 +1,6 @@
-"""What the serving benchmarks and their tests share: the CPU tritonserver, perf_analyzer, /proc
-sampling, the machine's description and the `## Serving on Triton (CPU)` section of BENCHMARKS.md.
+"""What the serving benchmarks and their tests share: perf_analyzer, the CPU model repository and
+its variants, and the `## Serving on Triton (CPU)` section of BENCHMARKS.md. The CPU tritonserver
+itself is :mod:`distrifusion.serving.cpu_server`; the measurement helpers are :mod:`benchmarks.harness`.
 
 Everything talks to 127.0.0.1 only.
 """
@@ -7,23 +8,17 @@ Everything talks to 127.0.0.1 only.
 from __future__ import annotations
 
 import csv
-import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-from distrifusion.launch import free_port
+from benchmarks.harness import log
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_REPOSITORY = ROOT / "build" / "model_repository_cpu"
 PERF_INPUTS = ROOT / "clients" / "perf_inputs.json"
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer.sh"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -39,8 +34,6 @@ SECTION_INTRO = (
     "(each writes its subsection below and its raw data to `benchmarks/results/serving/`);\n"
     "perf_analyzer comes from `scripts/setup_perf_analyzer.sh`."
 )
-MIB = 1024 * 1024
-
 # Columns every `perf_analyzer -f out.csv --verbose-csv` CSV has (the first column is "Concurrency"
 # or "Request Rate").
 PERF_CSV_COLUMNS = (
@@ -56,16 +49,6 @@ PERF_CSV_COLUMNS = (
     "p95 latency",
     "p99 latency",
 )
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def ensure_cpu_repository() -> Path:
-    """build/model_repository_cpu (and .cache/tiny-sdxl), built by scripts/cpu_repository.sh if missing."""
-    subprocess.run([str(ROOT / "scripts" / "cpu_repository.sh")], check=True, cwd=ROOT)
-    return CPU_REPOSITORY
 
 
 def repository_variant(source: Path, destination: Path, unet_dynamic_batching: str | None) -> Path:
@@ -87,165 +70,6 @@ def repository_variant(source: Path, destination: Path, unet_dynamic_batching: s
         )
     config.write_text(text)
     return destination
-
-
-class CpuServer:
-    """scripts/triton_server.sh on a repository, on free loopback ports; a context manager."""
-
-    def __init__(self, repository: Path, log_path: Path, extra_args: Iterable[str] = ()) -> None:
-        self.ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
-        self.http = f"127.0.0.1:{self.ports['HTTP_PORT']}"
-        self.grpc = f"127.0.0.1:{self.ports['GRPC_PORT']}"
-        self.metrics = f"127.0.0.1:{self.ports['METRICS_PORT']}/metrics"
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **{name: str(port) for name, port in self.ports.items()}}
-        with log_path.open("w") as log_file:
-            self.process = subprocess.Popen(
-                [str(ROOT / "scripts" / "triton_server.sh"), str(repository), *extra_args],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def __enter__(self) -> CpuServer:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_ready(self, seconds: float = 600) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"tritonserver not ready after {seconds:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-
-    def processes(self) -> dict[str, int]:
-        """Role -> pid: ``tritonserver``, ``stub:<model>`` for each Python-backend stub, and
-        ``unet:rank<N>`` for the UNet's spawned worker ranks (rank 0 is the unet stub)."""
-        return server_processes(self.process.pid)
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(child) for child in path.read_text().split()]
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return []
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-
-
-def server_processes(server_pid: int) -> dict[str, int]:
-    found = {"tritonserver": server_pid}
-    for stub in _children(server_pid):
-        command = _cmdline(stub)
-        if not command or "triton_python_backend_stub" not in command[0]:
-            continue
-        # The stub's first argument is <repository>/<model>/<version>/model.py.
-        model = Path(command[1]).parts[-3] if len(command) > 1 else str(stub)
-        found[f"stub:{model}"] = stub
-        workers = [child for child in _children(stub) if "resource_tracker" not in " ".join(_cmdline(child))]
-        for rank, worker in enumerate(sorted(workers), start=1):
-            found[f"{model}:rank{rank}"] = worker
-    return found
-
-
-def rss_bytes(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-def machine() -> dict[str, str | int]:
-    """CPU model and cores from lscpu, memory from /proc/meminfo."""
-    info: dict[str, str | int] = {"cpu": "unknown", "cores": os.cpu_count() or 0}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        info["cpu"] = fields.get("Model name", "unknown")
-        info["cores"] = int(fields.get("CPU(s)", info["cores"]))
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        pass
-    meminfo = Path("/proc/meminfo").read_text()
-    match = re.search(r"MemTotal:\s+(\d+) kB", meminfo)
-    if match:
-        info["memory_gib"] = round(int(match.group(1)) / MIB, 1)
-    return info
-
-
-def machine_line() -> str:
-    info = machine()
-    return f"{info['cpu']}, {info['cores']} cores, {info.get('memory_gib', '?')} GiB, no GPU"
-
-
-def other_benchmarks() -> list[str]:
-    """Command lines of other benchmark or test processes running now (they would share the CPUs)."""
-    found = subprocess.run(
-        ["pgrep", "-af", "cpu_patch_parallel|pytest"], capture_output=True, text=True
-    ).stdout
-    return [line for line in found.splitlines() if line and int(line.split()[0]) != os.getpid()]
-
-
-def start_conditions() -> str:
-    """The 1-minute load average and other benchmark processes now, for the record."""
-    others = other_benchmarks()
-    note = f"load average {os.getloadavg()[0]:.2f} at the start"
-    return note + (
-        f", {len(others)} other benchmark/test processes running" if others else ", nothing else running"
-    )
-
-
-def wait_idle(max_load: float = 0.5, timeout: float = 0.0) -> float:
-    """Waits (up to ``timeout`` s) until no other benchmark or test runs and the 1-minute load
-    average is below ``max_load``; returns the load average found."""
-    deadline = time.monotonic() + timeout
-    while True:
-        load = os.getloadavg()[0]
-        busy = other_benchmarks()
-        if (load < max_load and not busy) or time.monotonic() >= deadline:
-            return load
-        log(f"waiting for an idle machine (load {load:.2f}, {len(busy)} other benchmark/test processes)")
-        time.sleep(30)
 
 
 PROGRESS_LINES = r"(Request concurrency|Request Rate|Pass \[|\s*Concurrency:|Failed|Error|Warning)"
@@ -363,76 +187,3 @@ def update_benchmarks_section(subsection: str, body: str, path: Path = BENCHMARK
     if end < len(lines):
         new_section += "\n"
     path.write_text("".join(lines[:start]) + new_section + "".join(lines[end:]))
-
-
-def write_json(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-_SHARED: dict[str, CpuServer] = {}
-
-
-def shared_cpu_server(log_path: Path, register_cleanup: Callable[[Callable[[], None]], None]) -> CpuServer:
-    """One CPU server on the built CPU repository for every caller in this process (the tests of
-    perf_analyzer and of the soak share it: a start costs 20-60 s here). ``register_cleanup`` gets
-    its stop function the first time (pytest: ``request.config.add_cleanup``)."""
-    server = _SHARED.get("server")
-    if server is None or server.process.poll() is not None:
-        server = CpuServer(ensure_cpu_repository(), log_path)
-        try:
-            server.wait_ready()
-        except BaseException:
-            server.stop()
-            raise
-        _SHARED["server"] = server
-        register_cleanup(server.stop)
-    return server
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values[:3]) + sum(values[5:8])) / _TICK
-
-
-def _tree_seconds(pid: int) -> float:
-    """CPU seconds used so far by ``pid`` and its live descendants."""
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        pending += _children(current)
-    return total
-
-
-class ForeignCpu:
-    """Measures the share of the CPUs that processes other than this one, its waited children
-    (perf_analyzer) and the server tree ``server_pid`` used meanwhile: other people's work that
-    would land in the timings on a shared machine. ``fraction`` is None without a server pid."""
-
-    def __init__(self, server_pid: int | None) -> None:
-        self.server_pid = server_pid
-        self.fraction: float | None = None
-
-    def _own(self) -> float:
-        times = os.times()
-        own = times.user + times.system + times.children_user + times.children_system
-        return own + (_tree_seconds(self.server_pid) if self.server_pid else 0.0)
-
-    def __enter__(self) -> ForeignCpu:
-        self._start = (time.monotonic(), _busy_seconds(), self._own())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall, busy, own = time.monotonic(), _busy_seconds(), self._own()
-        if self.server_pid:
-            foreign = (busy - self._start[1]) - (own - self._start[2])
-            self.fraction = max(0.0, foreign) / ((wall - self._start[0]) * (os.cpu_count() or 1))

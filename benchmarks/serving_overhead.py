@@ -29,26 +29,13 @@ import torch
 import torch.distributed as dist
 import tritonclient.grpc as grpcclient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))
-from sdxl_client import generate
-from serving_common import (
-    BENCHMARKS_MD,
-    ROOT,
-    SERVING_RESULTS,
-    CpuServer,
-    ensure_cpu_repository,
-    log,
-    machine_line,
-    start_conditions,
-    update_benchmarks_section,
-    wait_idle,
-    write_json,
-)
-
+from benchmarks.harness import log, machine_line, start_conditions, wait_idle, write_json
+from benchmarks.serving_common import BENCHMARKS_MD, ROOT, SERVING_RESULTS, update_benchmarks_section
+from clients.sdxl_client import generate
 from distrifusion.config import DistriConfig
 from distrifusion.launch import spawn_local
 from distrifusion.pipeline import DistriPipeline
+from distrifusion.serving.cpu_server import CpuServer, ensure_cpu_repository
 
 MODEL_DIR = ROOT / ".cache" / "tiny-sdxl"
 PROMPT = "a lighthouse on a cliff at dawn, watercolor"
@@ -138,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.wait_idle:
-        log(f"load average {wait_idle(timeout=args.wait_idle):.2f}")
+        log(f"CPUs {wait_idle(timeout=args.wait_idle):.0%} busy")
     repository = (args.repository or ensure_cpu_repository()).resolve()
     request = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": args.size, "width": args.size,
                "num_inference_steps": args.steps, "guidance_scale": 5.0, "seed": args.seed}  # fmt: skip

@@ -34,26 +34,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_common import (
+from benchmarks.harness import ForeignCpu, log, machine_line, start_conditions, wait_idle, write_json
+from benchmarks.serving_common import (
     BENCHMARKS_MD,
     PERF_INPUTS,
     ROOT,
     SERVING_RESULTS,
-    CpuServer,
-    ForeignCpu,
-    ensure_cpu_repository,
-    log,
-    machine_line,
     perf_analyzer_arguments,
     read_perf_csv,
     repository_variant,
     run_perf_analyzer,
-    start_conditions,
     update_benchmarks_section,
-    wait_idle,
-    write_json,
 )
+from distrifusion.serving.cpu_server import CpuServer, ensure_cpu_repository
 
 DELAY_TRADE_OFF = (
     "The built default keeps no queue delay all the same: with a delay, a request that arrives alone "
@@ -112,7 +105,7 @@ class Sweep:
             args.max_trials, args.stability,
         )  # fmt: skip
         stable = True
-        meter = ForeignCpu(self.server_pid)
+        meter = ForeignCpu([self.server_pid] if self.server_pid else [])
         try:
             with meter:
                 run_perf_analyzer(arguments + load, log_path, self.progress, timeout=args.level_timeout)
@@ -130,7 +123,7 @@ class Sweep:
             if "--warmup-request-count" in arguments:
                 index = arguments.index("--warmup-request-count")
                 fixed = arguments[:index] + arguments[index + 2 :]
-            meter = ForeignCpu(self.server_pid)
+            meter = ForeignCpu([self.server_pid] if self.server_pid else [])
             with meter:
                 run_perf_analyzer(
                     fixed + load + ["--request-count", str(count)],
@@ -140,12 +133,14 @@ class Sweep:
                 )
         (row,) = read_perf_csv(csv_path)[-1:]
         result = {"name": name, "stable": stable, "csv": str(csv_path), **summarize(row)}
-        result["foreign_cpu"] = meter.fraction
+        # With --url the server is not ours to measure: its own work would count as foreign.
+        foreign = meter.fraction if self.server_pid else None
+        result["foreign_cpu"] = foreign
         result["raw"] = row
         self.progress(
             f"{name}: {result['images_per_second']:.3f} images/s, p50 {result['p50_s']:.2f} s, "
             f"p95 {result['p95_s']:.2f} s, p99 {result['p99_s']:.2f} s{'' if stable else ' (not stable)'}"
-            + ("" if meter.fraction is None else f", other processes used {meter.fraction:.0%} of the CPUs")
+            + ("" if foreign is None else f", other processes used {foreign:.0%} of the CPUs")
         )
         return result
 
@@ -374,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = Sweep(args)
     if args.wait_idle:
-        load = wait_idle(timeout=args.wait_idle)
-        sweep.progress(f"load average {load:.2f}")
+        busy = wait_idle(timeout=args.wait_idle)
+        sweep.progress(f"CPUs {busy:.0%} busy")
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_line(),

@@ -29,24 +29,10 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))
-from sdxl_client import OUTPUTS, build_inputs
-from serving_common import (
-    BENCHMARKS_MD,
-    MIB,
-    PERF_INPUTS,
-    SERVING_RESULTS,
-    CpuServer,
-    ensure_cpu_repository,
-    log,
-    machine_line,
-    rss_bytes,
-    start_conditions,
-    update_benchmarks_section,
-    wait_idle,
-    write_json,
-)
+from benchmarks.harness import MIB, log, machine_line, start_conditions, wait_idle, write_json
+from benchmarks.serving_common import BENCHMARKS_MD, PERF_INPUTS, SERVING_RESULTS, update_benchmarks_section
+from clients.sdxl_client import OUTPUTS, build_inputs
+from distrifusion.serving.cpu_server import CpuServer, ensure_cpu_repository, rss_bytes
 
 # A process fails the soak when its RSS grows past BOTH bounds after warm-up. 10% absorbs allocator
 # noise on the big processes (the server and the stubs hold 250-700 MiB of libraries, weights and
@@ -291,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.wait_idle:
-        log(f"load average {wait_idle(timeout=args.wait_idle):.2f}")
+        log(f"CPUs {wait_idle(timeout=args.wait_idle):.0%} busy")
     seconds = args.minutes * 60
     requests = load_requests(args.input_data)
     conditions = start_conditions()

@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serving_common import (  # noqa: E402
+from benchmarks.serving_common import (
     PERF_CSV_COLUMNS,
     PERF_INPUTS,
-    CpuServer,
     perf_analyzer_arguments,
     read_perf_csv,
     run_perf_analyzer,
-    shared_cpu_server,
 )
+from distrifusion.serving.cpu_server import CpuServer, shared_cpu_server
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

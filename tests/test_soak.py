@@ -4,16 +4,15 @@ grows its RSS past the bound after warm-up."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serving_common import MIB, CpuServer, shared_cpu_server  # noqa: E402
-from soak import memory_growth, memory_violations, soak  # noqa: E402
+from benchmarks.harness import MIB
+from benchmarks.soak import memory_growth, memory_violations, soak
+from distrifusion.serving.cpu_server import CpuServer, shared_cpu_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 SECONDS = 60.0
 WARMUP_S = 20.0

@@ -19,13 +19,13 @@ import tritonclient.http as httpclient
 from processes import descendants, still_running_after
 from tritonclient.utils import InferenceServerException
 
+from clients.sdxl_client import build_inputs, generate
 from distrifusion.launch import spawn_local
+from distrifusion.serving.cpu_server import CpuServer
+
+pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clients"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from sdxl_client import build_inputs, generate  # noqa: E402
-from serving_common import CpuServer  # noqa: E402
 
 SMALL = {"height": 128, "width": 128, "num_inference_steps": 4}
 RANKS = 2
