@@ -28,14 +28,11 @@ import ctypes
 import dataclasses
 import gc
 import hashlib
-import json
 import math
 import os
 import pickle
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,23 +40,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 import torch.distributed as dist
-from band_simulation import SimTopology, SimulatedBandUNet, replicated_collectives
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from benchmarks.band_simulation import endless_generation, simulate, simulated_band_unet
+from benchmarks.harness import MIB, ForeignCpu, machine_info, wait_idle, write_json
 from distrifusion.config import DistriConfig, Mode
 from distrifusion.launch import spawn_local
+from distrifusion.serving.cpu_server import status_bytes
 from distrifusion.tiny_model import build_tiny_sdxl
-from distrifusion.unet import DistriUNet
+from distrifusion.topology import Topology
+from distrifusion.unet import DistriUNet, GenerationInfo
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_patch_parallel.json"
-MIB = 1024 * 1024
 
 ANALYTIC_FORMULA = (
     "bytes sent per rank per step = act_bytes * (KV + halo + out) + 4 * GN, with "
@@ -110,45 +108,8 @@ class Settings:
         return list(range(1, min(self.warmup_steps + 1, self.steps)))
 
 
-@dataclasses.dataclass
-class Generation:
-    """What DistriUNet.begin_generation needs to know (a diffusers pipeline has the same fields)."""
-
-    do_classifier_free_guidance: bool
-    num_timesteps: int
-
-
-class TimedDistriUNet(DistriUNet):
-    """DistriUNet that also times the all-gather of the noise prediction.
-
-    The output gather is a blocking collective at the end of every step, and it is where a rank
-    waits for the slowest one, so it gets its own figure. (Whether ExchangeStats.wait_seconds also
-    counts it depends on the engine version; at the time of writing it does.)
-    """
-
-    gather_seconds: float = 0.0
-
-    def _gather_bands(self, band: torch.Tensor, layout: Any, group: Any) -> torch.Tensor:
-        started = time.perf_counter()
-        noise = super()._gather_bands(band, layout, group)
-        self.gather_seconds += time.perf_counter() - started
-        return noise
-
-
 # --------------------------------------------------------------------------------------------------
 # Memory
-
-
-def _read_status(field: str) -> int | None:
-    """A /proc/self/status figure in bytes (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def release_memory() -> None:
@@ -169,7 +130,7 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    hwm = _read_status("VmHWM")
+    hwm = status_bytes(os.getpid(), "VmHWM")
     if hwm is not None:
         return hwm
     # ru_maxrss is the whole process lifetime's peak (KiB on Linux).
@@ -255,18 +216,15 @@ def denoise(
     """The SDXL denoising loop (CFG, Euler) with every UNet call timed; returns the final latents."""
     scheduler = make_scheduler(pipe, settings.steps)
     latents = inputs.latents * scheduler.init_noise_sigma
-    distri = unet if isinstance(unet, TimedDistriUNet) else None
+    distri = unet if isinstance(unet, DistriUNet) else None
     if distri is not None:
-        distri.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=settings.steps))
+        distri.begin_generation(
+            GenerationInfo(do_classifier_free_guidance=True, num_timesteps=settings.steps)
+        )
     records: list[StepRecord] = []
     profile: dict[str, tuple[float, int]] | None = None
     for index, timestep in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-        if distri is not None:
-            # Zeroed in place: every Exchange holds a reference to this very object.
-            stats = distri.stats
-            stats.wait_seconds, stats.bytes_sent, stats.bytes_received, stats.collectives = 0.0, 0, 0, 0
-            distri.gather_seconds = 0.0
 
         def call(model_input: torch.Tensor = model_input, timestep: torch.Tensor = timestep) -> torch.Tensor:
             return unet(
@@ -285,13 +243,16 @@ def denoise(
                 noise = call()
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if distri is not None:
-            stats = distri.stats
+            # The engine's own account of this step's communication. The output gather is a
+            # blocking collective at the end of every step, where a rank waits for the slowest
+            # one, so it gets its own figure (it is part of wait_seconds too).
+            stats = distri.steps[-1].communication
             records.append(
                 StepRecord(
                     seconds,
                     cpu_seconds,
                     stats.wait_seconds,
-                    distri.gather_seconds,
+                    stats.output_gather_seconds,
                     stats.bytes_sent,
                     stats.bytes_received,
                     stats.collectives,
@@ -319,59 +280,6 @@ def decode_uint8(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> np.n
 
 FOREIGN_LIMIT = 0.05
 """A measurement during which other processes used more than this share of the CPUs is retried."""
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot (/proc/stat), None off Linux."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu_seconds() -> float:
-    """CPU seconds of this process, every thread (gloo's included)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class ForeignCpuWindow:
-    """Measures the CPU that processes *outside* this rank group use between start() and stop().
-
-    The machine-wide busy time (/proc/stat) minus what every rank of the group used itself; on a
-    shared machine another user's job would otherwise land silently in the timings. Every rank of
-    the group must call both methods (they meet in a barrier).
-    """
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.record: dict[str, Any] = {}
-
-    def start(self) -> ForeignCpuWindow:
-        if self.world > 1:
-            dist.barrier()
-        self._busy, self._own, self._started = _busy_cpu_seconds(), _self_cpu_seconds(), time.perf_counter()
-        return self
-
-    def stop(self) -> dict[str, Any]:
-        own = _self_cpu_seconds() - self._own
-        if self.world > 1:
-            dist.barrier()  # every rank done before the machine-wide figure is read
-        busy_after, wall = _busy_cpu_seconds(), time.perf_counter() - self._started
-        owns: list[Any] = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(owns, own)
-        else:
-            owns = [own]
-        self.record["wall_seconds"] = wall
-        if self._busy is not None and busy_after is not None:
-            foreign = max(0.0, busy_after - self._busy - sum(owns))
-            self.record["foreign_cpu_seconds"] = foreign
-            self.record["foreign_cpu_fraction"] = foreign / (wall * (os.cpu_count() or 1))
-        return self.record
 
 
 def _rank_summary(records: list[StepRecord], peak: int, rss_before: int) -> dict[str, Any]:
@@ -404,12 +312,12 @@ def run_world(settings: Settings, world: int, modes: tuple[str, ...]) -> dict[st
             dtype="fp32",
             device="cpu",
         )
-        unet = TimedDistriUNet(pipe.unet, config)
+        unet = DistriUNet(pipe.unet, config)
         release_memory()
-        rss_before = _read_status("VmRSS") or 0
+        rss_before = status_bytes(os.getpid(), "VmRSS") or 0
         peak_supported = reset_peak_rss()
         profile_here = rank == 0 and mode == Mode.CORRECTED_ASYNC_GN
-        meter = ForeignCpuWindow(world).start()
+        meter = ForeignCpu(world=world).start()
         latents, records, profile = denoise(pipe, unet, inputs, settings, profile_here)
         window = meter.stop()
         summary = _rank_summary(records, peak_rss_bytes(), rss_before)
@@ -449,7 +357,8 @@ def run_paired_speedup(settings: Settings, mode: str, rounds: int, block: int) -
         mode=mode, warmup_steps=settings.warmup_steps, comm_batch_size=settings.comm_batch_size, device="cpu"
     )
     parallel = DistriUNet(pipe.unet, config)
-    single = DistriUNet(build_pipe(settings).unet, config, topology=SimTopology(1, 0))  # type: ignore[arg-type]
+    # Rank 0 alone, inside the group: a topology of one rank (it never communicates).
+    single = DistriUNet(build_pipe(settings).unet, config, topology=Topology())
     scheduler = make_scheduler(pipe, settings.steps)
     timestep = scheduler.timesteps[settings.steps // 2]
     model_input = scheduler.scale_model_input(torch.cat([inputs.latents * scheduler.sigmas[0]] * 2), timestep)
@@ -470,13 +379,13 @@ def run_paired_speedup(settings: Settings, mode: str, rounds: int, block: int) -
         return [max(step) for step in zip(*gathered(run_block(parallel)), strict=True)]
 
     with torch.no_grad():
-        generation = Generation(do_classifier_free_guidance=True, num_timesteps=10**9)  # never a last step
+        generation = endless_generation()
         parallel.begin_generation(generation)
         single.begin_generation(generation)
         for _ in range(settings.warmup_steps + 2):  # synchronous steps, then the recording step
             parallel(model_input, timestep, **kwargs, return_dict=False)
         single_block()
-        meter = ForeignCpuWindow(world).start()
+        meter = ForeignCpu(world=world).start()
         pairs = []
         for round_index in range(rounds):
             order = (single_block, parallel_block) if round_index % 2 == 0 else (parallel_block, single_block)
@@ -580,7 +489,7 @@ def run_plain_concurrent(settings: Settings, threads: int, repeats: int) -> dict
     times = []
     with torch.no_grad():
         unet(model_input, 500, **kwargs, return_dict=False)
-        meter = ForeignCpuWindow(world).start()
+        meter = ForeignCpu(world=world).start()
         for _ in range(repeats):
             if world > 1:
                 dist.barrier()  # start together, so the steps really overlap
@@ -607,11 +516,11 @@ def run_single_generation(settings: Settings) -> dict[str, Any]:
     release_memory()
     pipe = build_pipe(settings)
     inputs = make_inputs(pipe, settings)
-    unet = TimedDistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
+    unet = DistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
     release_memory()
-    rss_before = _read_status("VmRSS") or 0
+    rss_before = status_bytes(os.getpid(), "VmRSS") or 0
     peak_supported = reset_peak_rss()
-    meter = ForeignCpuWindow(1).start()
+    meter = ForeignCpu().start()
     latents, records, profile = denoise(pipe, unet, inputs, settings, settings.profile)
     generation_window = meter.stop()
     summary = _rank_summary(records, peak_rss_bytes(), rss_before)
@@ -641,14 +550,14 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
     torch.set_num_threads(1)
     pipe = build_pipe(settings)
     inputs = make_inputs(pipe, settings)
-    unet = TimedDistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
+    unet = DistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
     # The plain diffusers UNet with the same weights: the builder is deterministic per seed.
     plain = build_pipe(settings).unet
     scheduler = make_scheduler(pipe, settings.steps)
     timestep = scheduler.timesteps[settings.steps // 2]
     model_input = scheduler.scale_model_input(torch.cat([inputs.latents * scheduler.sigmas[0]] * 2), timestep)
     kwargs = {"encoder_hidden_states": inputs.prompt_embeds, "added_cond_kwargs": inputs.added_cond_kwargs}
-    unet.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
+    unet.begin_generation(endless_generation())
     layers, handles = _layer_shapes(plain)
     with torch.no_grad():
         plain_out = plain(model_input, timestep, **kwargs, return_dict=False)[0]  # warm-up + shapes
@@ -657,7 +566,7 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
         distri_out = unet(model_input, timestep, **kwargs, return_dict=False)[0]  # warm-up (step 0)
         distri_out = unet(model_input, timestep, **kwargs, return_dict=False)[0]  # cached text K/V path
         max_abs_diff = (plain_out - distri_out).abs().max().item()
-        meter = ForeignCpuWindow(1).start()
+        meter = ForeignCpu().start()
         plain_times: list[float] = []
         distri_times: list[float] = []
         for pair in range(settings.overhead_pairs):
@@ -688,23 +597,21 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
         # plain band above it prices the patch machinery; against the real n-rank step, the
         # communication and the contention of n processes.
         simulated_times: dict[int, list[float]] = {}
-        simulated = SimulatedBandUNet(
+        simulated = simulated_band_unet(
             build_pipe(settings).unet,
             DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, warmup_steps=settings.warmup_steps, device="cpu"),
-            topology=SimTopology(1, 0),  # type: ignore[arg-type]
         )
-        with replicated_collectives():
-            for world in settings.worlds:
-                if world == 1:
-                    continue
-                simulated.simulate(world, world // 2)
-                simulated.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
-                for _ in range(settings.warmup_steps + 2):  # synchronous steps, then the recording step
-                    simulated(model_input, timestep, **kwargs, return_dict=False)
-                simulated_times[world] = step_seconds(
-                    lambda: simulated(model_input, timestep, **kwargs, return_dict=False),
-                    settings.overhead_pairs // 2 + 1,
-                )
+        for world in settings.worlds:
+            if world == 1:
+                continue
+            simulate(simulated, world, world // 2)
+            simulated.begin_generation(endless_generation())
+            for _ in range(settings.warmup_steps + 2):  # synchronous steps, then the recording step
+                simulated(model_input, timestep, **kwargs, return_dict=False)
+            simulated_times[world] = step_seconds(
+                lambda: simulated(model_input, timestep, **kwargs, return_dict=False),
+                settings.overhead_pairs // 2 + 1,
+            )
         overhead_window = meter.stop()
 
     return {
@@ -851,33 +758,6 @@ def compare_profiles(
     return rows[:top]
 
 
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    memory = _read_meminfo_total()
-    return {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_bytes": memory,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def _read_meminfo_total() -> int | None:
-    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -1004,50 +884,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished (joined) children, the spawned ranks."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 PHASES: list[dict[str, Any]] = []
 IDLE_WAIT_SECONDS = 0.0
-
-
-def wait_for_idle(max_seconds: float, window: float = 3.0, busy_limit: float = 0.1) -> float:
-    """Waits (up to ``max_seconds``) until the machine's CPUs are under ``busy_limit`` busy over a
-    ``window``; on a shared machine another process's work would otherwise land in the timings.
-    Returns the busy fraction last seen."""
-    deadline = time.monotonic() + max_seconds
-    cpus = os.cpu_count() or 1
-    while True:
-        before = _busy_cpu_seconds()
-        time.sleep(window)
-        after = _busy_cpu_seconds()
-        if before is None or after is None:
-            return 0.0
-        busy = (after - before) / (window * cpus)
-        if busy < busy_limit or time.monotonic() > deadline:
-            return busy
-        print(f"   waiting for an idle machine ({100 * busy:.0f} % busy)", flush=True)
 
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     """Times a phase and measures CPU used by *other* processes meanwhile (a shared machine is noisy)."""
     if IDLE_WAIT_SECONDS > 0:
-        wait_for_idle(IDLE_WAIT_SECONDS)
+        wait_idle(IDLE_WAIT_SECONDS)
     print(f"== {name}", flush=True)
-    started, busy, own = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
-    yield
-    wall = time.perf_counter() - started
-    record: dict[str, Any] = {"phase": name, "wall_seconds": wall}
-    busy_after = _busy_cpu_seconds()
-    if busy is not None and busy_after is not None:
-        foreign = max(0.0, (busy_after - busy) - (_own_cpu_seconds() - own))
-        record["foreign_cpu_seconds"] = foreign
-        record["foreign_cpu_fraction"] = foreign / (wall * (os.cpu_count() or 1))
+    # This process and the ranks it spawned and joined meanwhile are ours; the rest is foreign.
+    with ForeignCpu() as meter:
+        yield
+    record: dict[str, Any] = {"phase": name, **meter.record}
+    wall = record["wall_seconds"]
     PHASES.append(record)
     note = ""
     if record.get("foreign_cpu_fraction", 0) > 0.05:
@@ -1292,8 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - started,
         "table_markdown": table,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False))
+    write_json(args.output, report)
     print()
     print(table)
     print()
@@ -1375,19 +1225,6 @@ def ceilings_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(measured.get('naive_patch'), 2)} |"
         )
     return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON-ready copy: arrays (latents, images) left out, infinities (identical outputs) as strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items() if not isinstance(v, np.ndarray)}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 if __name__ == "__main__":

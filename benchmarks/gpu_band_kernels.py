@@ -13,9 +13,9 @@ import collections
 from collections.abc import Callable
 
 import torch
-from band_simulation import SimTopology, SimulatedBandUNet, replicated_collectives
-from gpu_sdxl_unet import SDXL_BASE_UNET_CONFIG, Generation, build_unet, call_unet, make_inputs
 
+from benchmarks.band_simulation import endless_generation, simulate, simulated_band_unet
+from benchmarks.gpu_sdxl_unet import SDXL_BASE_UNET_CONFIG, build_unet, call_unet, make_inputs
 from distrifusion.config import DistriConfig
 
 RESOLUTION = 1024
@@ -47,17 +47,17 @@ def main() -> None:
     band_inputs = dict(inputs, sample=inputs["sample"][:, :, :BAND_ROWS].contiguous())
     plain = kernel_times(lambda: call_unet(unet, band_inputs))
 
-    engine = SimulatedBandUNet(
+    engine = simulated_band_unet(
         unet,
-        DistriConfig(mode="corrected_async_gn", warmup_steps=4, dtype="fp16", device="cuda"),
-        topology=SimTopology(1, 0),  # type: ignore[arg-type]
+        DistriConfig(
+            mode="corrected_async_gn", warmup_steps=4, dtype="fp16", device="cuda", cuda_graphs=False
+        ),
     )
-    engine.simulate(2, 1)
-    engine.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
-    with replicated_collectives():
-        for _ in range(7):  # past the warm-up steps and the recording step
-            call_unet(engine, inputs)
-        band = kernel_times(lambda: call_unet(engine, inputs))
+    simulate(engine, 2, 1)
+    engine.begin_generation(endless_generation())
+    for _ in range(7):  # past the warm-up steps and the recording step
+        call_unet(engine, inputs)
+    band = kernel_times(lambda: call_unet(engine, inputs))
 
     for name, stats in ((f"plain UNet, {BAND_ROWS}-row latent", plain), ("engine band 1 of 2", band)):
         count = sum(int(v[0]) for v in stats.values())

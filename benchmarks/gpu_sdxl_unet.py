@@ -10,7 +10,7 @@ It builds the SDXL base 1.0 UNet (2.6 B parameters, config written out below fro
 the GPU, and measures per UNet step (batch 2 = one prompt with classifier-free guidance):
 
 1. the plain diffusers UNet;
-2. DistriUNet at 1 rank, eager, and with ``cuda_graphs=True`` where the engine implements it;
+2. DistriUNet at 1 rank, eager, and with ``cuda_graphs=True`` (on CUDA);
 3. SIMULATED: the compute of one band of n = 2, 4, 8 bands in the steady (asynchronous) state.
    One process (world 1) runs a DistriUNet whose topology says "n ranks, I am band r" and whose
    all-gathers are replaced by a local copy replicating this rank's tensor n times. The layers do
@@ -22,7 +22,8 @@ the GPU, and measures per UNet step (batch 2 = one prompt with classifier-free g
        step ~= max(band compute, async bytes received / bandwidth + latency per collective)
                + output-gather bytes received / bandwidth + latency
 
-   with the bytes per step counted by the engine's own ExchangeStats during the simulated steps.
+   with the bytes per step counted by the engine's own ExchangeStats during the simulated steps
+   (of replayed CUDA graphs too: their host calls run, and count, at every replay).
    The bandwidths are arguments (defaults: NVLink 4 on H100 SXM, 450 GB/s per direction per GPU;
    PCIe Gen5 x16, about 55 GB/s). Real runs will be slower by whatever this leaves out.
 
@@ -35,15 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
-import inspect
-import json
-import math
 import os
-import pkgutil
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from band_simulation import SimTopology, SimulatedBandUNet, replicated_collectives
 from diffusers import UNet2DConditionModel
 
-import distrifusion
-from distrifusion.config import ConfigError, DistriConfig, Mode
+from benchmarks.band_simulation import endless_generation, simulate, simulated_band_unet
+from benchmarks.harness import machine_info, write_json
+from distrifusion.config import DTYPES, ConfigError, DistriConfig, Mode
 from distrifusion.geometry import BandLayout
 from distrifusion.unet import DistriUNet
 
@@ -162,12 +156,6 @@ def median_seconds(timer: Timer, fn: Callable[[], Any], warmup: int, iters: int)
 # Model and inputs
 
 
-@dataclasses.dataclass
-class Generation:
-    do_classifier_free_guidance: bool
-    num_timesteps: int
-
-
 def build_unet(
     config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int
 ) -> UNet2DConditionModel:
@@ -237,19 +225,6 @@ def fastest_plain_s(entry: dict[str, Any]) -> float:
     return min(entry[key]["median_s"] for key in ("plain", "plain_cuda_graphs") if key in entry)
 
 
-def engine_cuda_graph_support() -> tuple[bool, str]:
-    """Whether DistriConfig has ``cuda_graphs`` and the engine's sources capture CUDA graphs."""
-    if "cuda_graphs" not in {f.name for f in dataclasses.fields(DistriConfig)}:
-        return False, "DistriConfig has no cuda_graphs field"
-    sources = []
-    for info in pkgutil.walk_packages(distrifusion.__path__, "distrifusion."):
-        with contextlib.suppress(Exception):
-            sources.append(inspect.getsource(importlib.import_module(info.name)))
-    if not any("CUDAGraph" in s or "cuda.graph(" in s for s in sources):
-        return False, "DistriConfig accepts cuda_graphs but no distrifusion module captures a CUDA graph"
-    return True, "implemented"
-
-
 # --------------------------------------------------------------------------------------------------
 # Measurements
 
@@ -289,32 +264,35 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def zero_stats(unet: DistriUNet) -> None:
-    # In place: every Exchange holds this very object.
-    stats = unet.stats
-    stats.wait_seconds, stats.bytes_sent, stats.bytes_received, stats.collectives = 0.0, 0, 0, 0
+def engine_config(args: Args, cuda_graphs: bool) -> DistriConfig:
+    return DistriConfig(
+        mode=args.mode,
+        warmup_steps=args.warmup_steps,
+        dtype=args.dtype_name,
+        device=args.device.type,
+        cuda_graphs=cuda_graphs,
+    )
 
 
-def steady_band(
-    unet: SimulatedBandUNet, inputs: dict[str, Any], args: Args, world: int, timer: Timer
-) -> dict:
+def steady_band(unet: DistriUNet, inputs: dict[str, Any], args: Args, world: int, timer: Timer) -> dict:
     """Median compute time of one band of ``world`` in the asynchronous steady state, and its bytes."""
     rank = {"first": 0, "last": world - 1, "middle": world // 2}[args.band_index]
-    unet.simulate(world, rank)
-    unet.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
+    simulate(unet, world, rank)
+    unet.begin_generation(endless_generation())
 
     def step() -> torch.Tensor:
         return call_unet(unet, inputs)
 
-    with replicated_collectives():
-        # Steps 0..warmup_steps synchronous, then the first asynchronous step records the batches.
-        for _ in range(args.warmup_steps + 2):
-            step()
-        zero_stats(unet)
-        step()  # one steady step, counted by the engine's own stats
-        stats = dataclasses.asdict(unet.stats)
-        reset_peak_memory(args.device)
-        timing = median_seconds(timer, step, args.warmup_iters, args.iters)
+    # Steps 0..warmup_steps synchronous, then the first asynchronous step records the batches.
+    for _ in range(args.warmup_steps + 2):
+        step()
+    step()  # one steady step, counted by the engine's own stats (replayed graphs count too)
+    record = unet.steps[-1]
+    if record.phase != "steady":
+        raise RuntimeError(f"step {record.step} is a {record.phase} step, not a steady one")
+    stats = dataclasses.asdict(record.communication)
+    reset_peak_memory(args.device)
+    timing = median_seconds(timer, step, args.warmup_iters, args.iters)
     latent = inputs["sample"].shape[-1]
     layout = BandLayout.split(latent, latent, world, len(args.unet_config["block_out_channels"]))
     # The output gather: every rank's band of the noise prediction, padded to the tallest band.
@@ -371,7 +349,7 @@ def run(args: Args) -> dict[str, Any]:
     build_s = time.perf_counter() - started
     parameters = sum(p.numel() for p in unet.parameters())
     print(f"  {parameters / 1e9:.3f} B parameters in {build_s:.1f} s", flush=True)
-    graphs_supported, graphs_note = engine_cuda_graph_support()
+    graphs_supported, graphs_note = True, "implemented"
     if args.device.type != "cuda":
         graphs_supported, graphs_note = False, "CUDA graphs need device cuda"
     if not args.cuda_graphs:
@@ -407,19 +385,13 @@ def run(args: Args) -> dict[str, Any]:
             )
 
     # 2. and 3. DistriUNet (eager) at 1 rank, then the simulated bands; same weights, wrapped in place.
-    eager = SimulatedBandUNet(
-        unet,
-        DistriConfig(
-            mode=args.mode, warmup_steps=args.warmup_steps, dtype=args.dtype_name, device=args.device.type
-        ),
-        topology=SimTopology(1, 0),  # type: ignore[arg-type]
-    )
+    eager = simulated_band_unet(unet, engine_config(args, cuda_graphs=False))
     skipped: list[str] = []
     for resolution in args.resolutions:
         entry = results[resolution]
         inputs = inputs_by_res[resolution]
-        eager.simulate(1, 0)
-        eager.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
+        simulate(eager, 1, 0)
+        eager.begin_generation(endless_generation())
         call_unet(eager, inputs)  # step 0 computes the text keys/values the later steps reuse
         reset_peak_memory(args.device)
         distri = median_seconds(
@@ -461,22 +433,14 @@ def run(args: Args) -> dict[str, Any]:
     graphs: dict[str, Any] = {"supported": graphs_supported, "note": graphs_note}
     if graphs_supported and not args.over_budget():
         try:
-            graph_unet = SimulatedBandUNet(
-                build_unet(config, args.device, args.dtype, args.seed),
-                DistriConfig(
-                    mode=args.mode,
-                    warmup_steps=args.warmup_steps,
-                    dtype=args.dtype_name,
-                    device=args.device.type,
-                    cuda_graphs=True,
-                ),
-                topology=SimTopology(1, 0),  # type: ignore[arg-type]
+            graph_unet = simulated_band_unet(
+                build_unet(config, args.device, args.dtype, args.seed), engine_config(args, cuda_graphs=True)
             )
             for resolution in args.resolutions:
                 entry = results[resolution]
                 inputs = inputs_by_res[resolution]
-                graph_unet.simulate(1, 0)
-                graph_unet.begin_generation(Generation(do_classifier_free_guidance=True, num_timesteps=10**9))
+                simulate(graph_unet, 1, 0)
+                graph_unet.begin_generation(endless_generation())
                 # Past step 0 (text keys/values) and the warm-up phase, so that the steady-phase graph
                 # is captured before timing starts, not inside a timed iteration.
                 for _ in range(args.warmup_steps + 2):
@@ -496,11 +460,7 @@ def run(args: Args) -> dict[str, Any]:
                         continue
                     with contextlib.suppress(ConfigError):
                         band = steady_band(graph_unet, inputs, args, world, timer)
-                        # Replayed graphs do not run the Python that counts bytes: take the eager count.
-                        eager_band = entry["simulated_bands_eager"].get(world)
-                        if eager_band is not None:
-                            band["steady_stats_per_step"] = eager_band["steady_stats_per_step"]
-                            band["projection"] = project(band, fastest_plain_s(entry), args)
+                        band["projection"] = project(band, fastest_plain_s(entry), args)
                         entry["simulated_bands_cuda_graphs"][world] = band
                         print(
                             f"  {resolution}^2 band {band['band_index']} of {world} (simulated, CUDA graphs): "
@@ -521,36 +481,6 @@ def run(args: Args) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=props.name,
-            gpu_memory_gib=props.total_memory / 2**30,
-            compute_capability=f"{props.major}.{props.minor}",
-            sm_count=props.multi_processor_count,
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            info["nvidia_smi"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit", "--format=csv"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=False,
-            ).stdout.strip()
-    else:
-        info["cpu"] = platform.processor()
-    return info
 
 
 def table(report: dict[str, Any]) -> str:
@@ -675,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     args = Args(
         device=device,
-        dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name],
+        dtype=DTYPES[dtype_name],
         dtype_name=dtype_name,
         unet_config=TINY_UNET_CONFIG if ns.tiny else SDXL_BASE_UNET_CONFIG,
         resolutions=ns.resolutions,
@@ -700,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "benchmark": "gpu_sdxl_unet",
-        "machine": device_info(device),
+        "machine": machine_info(device),
         "settings": {
             **settings,
             "unet": "tiny (same structure, narrow)"
@@ -723,8 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report)
     report["table_markdown"] = text
     path = output_path(ns.output, ns.tiny)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False))
+    write_json(path, report)
     print()
     print(text)
     print(f"\nCUDA graphs: {results['cuda_graphs']}")
@@ -732,18 +661,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {results['skipped']}")
     print(f"wrote {path} ({report['total_seconds']:.0f} s in all)")
     return 0
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (torch.dtype, torch.device)):
-        return str(value)
-    return value
 
 
 if __name__ == "__main__":
