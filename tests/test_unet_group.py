@@ -19,7 +19,8 @@ from processes import descendants, still_running_after
 
 from distrifusion.config import ConfigError, DistriConfig
 from distrifusion.pipeline import DistriPipeline
-from distrifusion.serving.unet_group import DenoiseRequest, UNetGroup
+from distrifusion.serving.denoise import DenoiseRequest
+from distrifusion.serving.unet_group import UNetGroup
 from distrifusion.topology import Topology
 
 PROMPT, NEGATIVE = "a lighthouse at dawn", "fog"

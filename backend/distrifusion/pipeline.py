@@ -104,6 +104,7 @@ class DistriPipeline:
         scheduler: str | None = None,
         output_type: str = "pil",
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
         **diffusers_kwargs: Any,
     ) -> GenerationResult | None:
         """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
@@ -112,7 +113,8 @@ class DistriPipeline:
         in the result; a list: one seed per image), ``scheduler`` names one of
         :data:`distrifusion.schedulers.SCHEDULERS` (None: the model's own). ``should_stop`` is asked
         on rank 0 after every step (e.g. "was the request cancelled?"); all ranks then skip the
-        remaining steps together. Other keyword arguments go to the diffusers pipeline unchanged.
+        remaining steps together. ``on_step(step)`` is called on every rank after every step (e.g.
+        a watchdog's heartbeat). Other keyword arguments go to the diffusers pipeline unchanged.
         """
         default_size = self.unet.config.sample_size * self.pipe.vae_scale_factor
         height = default_size if height is None else height
@@ -128,6 +130,8 @@ class DistriPipeline:
 
         def after_step(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
             final["latents"] = tensors["latents"]
+            if on_step is not None:
+                on_step(step)
             if should_stop is not None and self._agreed_stop(should_stop):
                 pipe._interrupt = True  # diffusers then skips the remaining steps
             return {}

@@ -133,15 +133,19 @@ class DistriUNet(nn.Module):
         for exchange in self._exchanges.values():
             exchange.drain()
 
-    def use_topology(self, topology: Topology, collective: Collective | None = None) -> None:
+    def use_topology(
+        self, topology: Topology, collective: Collective | None = None, abandon: bool = False
+    ) -> None:
         """From the next step on, run as ``topology`` (with ``collective``, else the current one).
 
-        Waits out what is in flight, then drops every per-shape exchange buffer and step graph:
-        they belong to the old layout. The weights stay where they are.
+        Waits out what is in flight (``abandon``: drops it unwaited, for a group that was lost),
+        then drops every per-shape exchange buffer and step graph: they belong to the old layout.
+        The weights stay where they are.
         """
         self.distri_config.validate_world(topology.world)
-        for exchange in self._exchanges.values():
-            exchange.drain()
+        if not abandon:
+            for exchange in self._exchanges.values():
+                exchange.drain()
         self._exchanges.clear()
         if self.graphs is not None:
             self.graphs.clear()

@@ -11,7 +11,8 @@ import torch
 from ranks import TEXT_TOKENS, UNET_CONFIG, save_unet_only
 
 from distrifusion.config import DistriConfig
-from distrifusion.serving.unet_group import DenoiseRequest, UNetGroup, load_unet_pipeline, run_denoise
+from distrifusion.serving.denoise import DenoiseRequest, load_unet_pipeline, run_denoise
+from distrifusion.serving.unet_group import UNetGroup
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL")
 

@@ -1,173 +1,80 @@
 """A long-lived patch-parallel UNet group for a server: rank 0 in this process, the rest spawned.
 
-The server process (a Triton Python-backend stub) is rank 0. It spawns ranks 1..N-1, which load
-the same UNet and then wait for work. Requests go to the workers over a pipe each (not over a
-collective: an idle worker would hit the collective timeout); the denoising itself then runs on
-every rank with torch.distributed. Workers exit when told to, and on their own when their parent
-disappears (a killed stub does not signal its children).
+The server process (a Triton Python-backend stub) is rank 0. It spawns ranks 1..N-1
+(:mod:`.rank_worker`), which load the same UNet and then wait for work.
+
+Faults. A watchdog thread in rank 0 watches the worker processes themselves (a rank that exits,
+is killed or OOM-killed is noticed within a tenth of a second, idle or not) and, while a
+generation runs, the time since its last step (a rank that is stopped, deadlocked or stuck in a
+kernel misses the per-step deadline). Either way the group is *broken*: the surviving workers are
+ended by pid, an NCCL process group is aborted (never destroyed while blocked), so rank 0 leaves
+the collective it waits in, and the request fails with a :class:`~.faults.GroupFault` naming the
+rank, its device, the step and that a retry is safe. A rank that raises is handled the same way.
+A rebuild thread then forms a fresh group (new rendezvous, fresh workers; rank 0 keeps its UNet
+in memory), warms it up as at load and serves again; requests that arrive meanwhile wait for it.
+After ``max_rebuilds`` failed rebuilds within ``rebuild_window_s`` the group gives up and every
+request fails with :class:`~.faults.GroupUnavailable`.
+
+Events (the state, live ranks, faults, restarts) go to ``on_event(kind, **details)`` as they
+happen, from whichever thread saw them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
 import os
 import random
+import statistics
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from diffusers import DiffusionPipeline
 
 from ..config import ConfigError, DistriConfig
 from ..launch import free_port, init_local_rank, select_device
-from ..pipeline import DistriPipeline
+from ..topology import Topology
+from .denoise import DenoiseRequest, DenoiseResult, load_unet_pipeline, run_denoise, warmup_request
+from .faults import FaultInjection, FaultPolicy, GroupFault, GroupUnavailable
+from .rank_worker import DevicePlacement, RankWorker
 
-DevicePlacement = Callable[[str, "int | None"], torch.device]
-"""``(device, GPU index) -> torch.device``: the hook that puts a rank on its device (see
-:func:`distrifusion.launch.select_device`, the default); called first thing in every rank."""
-
-# Components the UNet stage never needs; the text encoders and the VAE are separate models.
-_SKIPPED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "image_encoder")
-_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 _START_TIMEOUT_SECONDS = 600.0
+_POLL_SECONDS = 0.1
+_CLASSIFY_SECONDS = 2.0
+"""How long a failed generation waits for the watchdog to say which rank was lost."""
 
+SERVING, REBUILDING, GAVE_UP, CLOSED = "serving", "rebuilding", "gave_up", "closed"
 
-@dataclasses.dataclass
-class DenoiseRequest:
-    """A batch of prompts already encoded, all of one size, step count, guidance and scheduler."""
-
-    prompt_embeds: torch.Tensor
-    """``[batch, 77, D1 + D2]``: both text encoders' penultimate hidden states, concatenated."""
-    pooled_prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
-    negative_pooled_prompt_embeds: torch.Tensor
-    seeds: list[int | None]
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    scheduler: str | None = None
-
-
-@dataclasses.dataclass
-class DenoiseResult:
-    latents: torch.Tensor
-    seeds: list[int]
-    interrupted: bool
-
-
-def load_unet_pipeline(model_directory: str, config: DistriConfig, device: torch.device) -> DistriPipeline:
-    """The diffusers pipeline with only its UNet and scheduler, patch-parallel, on ``device``."""
-    skipped = dict.fromkeys(_SKIPPED_COMPONENTS)
-    pipe = DiffusionPipeline.from_pretrained(model_directory, dtype=config.torch_dtype, **skipped)
-    return DistriPipeline(pipe.to(device), config)
-
-
-def warmup_request(unet_config: Any, height: int, width: int, text_tokens: int, steps: int) -> DenoiseRequest:
-    """A request of zero embeddings that runs every step phase of ``height`` x ``width`` at batch 1."""
-    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-    embeds = torch.zeros(1, text_tokens, unet_config.cross_attention_dim)
-    return DenoiseRequest(
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=torch.zeros(1, pooled),
-        negative_prompt_embeds=embeds,
-        negative_pooled_prompt_embeds=torch.zeros(1, pooled),
-        seeds=[0],
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-    )
+EventSink = Callable[..., None]
 
 
 def _never() -> bool:
     return False
 
 
-def run_denoise(
-    pipeline: DistriPipeline, request: DenoiseRequest, should_stop: Callable[[], bool] = _never
-) -> DenoiseResult | None:
-    """Every rank runs this with the same request; rank 0 gets the result.
-
-    Every rank passes a ``should_stop`` (only rank 0's is asked), so all join the per-step vote.
-    """
-    device = pipeline.unet.device
-    dtype = pipeline.unet.dtype
-    result = pipeline(
-        prompt_embeds=request.prompt_embeds.to(device, dtype),
-        pooled_prompt_embeds=request.pooled_prompt_embeds.to(device, dtype),
-        negative_prompt_embeds=request.negative_prompt_embeds.to(device, dtype),
-        negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds.to(device, dtype),
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        seed=request.seeds,
-        scheduler=request.scheduler,
-        output_type="latent",
-        should_stop=should_stop,
-    )
-    if result is None:
-        return None
-    return DenoiseResult(
-        latents=result.latents.float().cpu(), seeds=result.seed, interrupted=result.interrupted
-    )
+def _ignore(kind: str, **details: Any) -> None:
+    pass
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _worker_main(
-    rank: int,
-    world: int,
-    port: int,
-    config: DistriConfig,
-    model_directory: str,
-    device_index: int | None,
-    placement: DevicePlacement,
-    threads: int | None,
-    parent: int,
-    commands: Any,
-    replies: Any,
-) -> None:
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        device = placement(config.device, device_index)
-        init_local_rank(rank, world, port, config.device, timeout=_COLLECTIVE_TIMEOUT)
-        pipeline = load_unet_pipeline(model_directory, config, device)
-        replies.send(("ready", str(device)))
-    except Exception:
-        replies.send(("failed", traceback.format_exc()))
-        return
-    while True:
-        command, request = commands.recv()
-        if command == "stop":
-            break
-        try:
-            run_denoise(pipeline, request)
-        except Exception:
-            # Rank 0 fails in the same collective (or its timeout) and reports the request.
-            replies.send(("failed", traceback.format_exc()))
-    dist.destroy_process_group()
+@dataclasses.dataclass
+class _Progress:
+    step: int
+    at: float
+    deadline_s: float
+    typical_s: float | None
 
 
 class UNetGroup:
     """Rank 0 of one patch-parallel group, owning the worker processes of the other ranks.
 
     ``devices``: GPU indices, one per rank (CUDA), or None on the CPU, where ``ranks`` processes
-    share the cores (``threads_per_rank`` each). ``placement`` puts each rank on its device.
+    share the cores (``threads_per_rank`` each). ``placement`` puts each rank on its device;
+    ``policy`` bounds hangs and rebuilds.
     """
 
     def __init__(
@@ -178,50 +85,76 @@ class UNetGroup:
         devices: list[int] | None = None,
         threads_per_rank: int | None = None,
         placement: DevicePlacement = select_device,
+        policy: FaultPolicy | None = None,
+        on_event: EventSink = _ignore,
     ) -> None:
         config.validate_world(ranks)
         if devices is not None and len(devices) != ranks:
             raise ConfigError(f"devices: need one GPU per rank ({ranks}), got {devices}")
+        self.model_directory = model_directory
         self.ranks = ranks
         self.config = config
+        self.policy = policy or FaultPolicy()
         self.devices: list[str] = []
         """Each rank's device, as the rank itself reported it."""
-        self._workers: list[Any] = []
-        self._commands: list[Any] = []
-        self._replies: list[Any] = []
+        self._device_indices = devices
+        self._threads = threads_per_rank
+        self._placement = placement
+        self._on_event = on_event
+        self._workers: list[RankWorker] = []
+        self._lock = threading.Condition()
+        self._run_lock = threading.RLock()
+        """Held by whoever runs the group: a generation, or a rebuild (whose warm-up is one)."""
+        self._state = REBUILDING
+        self._fault: GroupFault | None = None
+        self._failed_rebuilds: collections.deque[float] = collections.deque()
+        self._warmups: list[tuple[int, int, int]] = []
+        self._typical_step: dict[tuple, float] = {}
+        self._progress: _Progress | None = None
+        self._threads_started: list[threading.Thread] = []
         if threads_per_rank is not None:
             torch.set_num_threads(threads_per_rank)
-        port = free_port()
-        context = mp.get_context("spawn")
-        for rank in range(1, ranks):
-            command_reader, command_writer = context.Pipe(duplex=False)
-            reply_reader, reply_writer = context.Pipe(duplex=False)
-            device_index = devices[rank] if devices is not None else None
-            worker = context.Process(
-                target=_worker_main,
-                args=(rank, ranks, port, config, model_directory, device_index, placement, threads_per_rank,
-                      os.getpid(), command_reader, reply_writer),
-                daemon=True,
-                name=f"distrifusion-rank{rank}",
-            )  # fmt: skip
-            worker.start()
-            self._workers.append(worker)
-            self._commands.append(command_writer)
-            self._replies.append(reply_reader)
-        try:
-            device = placement(config.device, devices[0] if devices else None)
-            self.devices.append(str(device))
-            if ranks > 1:
-                init_local_rank(0, ranks, port, config.device, timeout=_COLLECTIVE_TIMEOUT)
-            self.pipeline = load_unet_pipeline(model_directory, config, device)
-            self._await_workers_ready()
-        except BaseException:
-            self.close()
-            raise
+        if config.device == "cuda":
+            # An NCCL error or timeout fails the collective (and aborts its communicator) instead
+            # of killing this process, which is the Triton stub.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        self.pipeline: Any = None
+        with self._run_lock:
+            try:
+                self._form()
+            except BaseException:
+                self._teardown()
+                raise
+        self._set_state(SERVING)
+        self._start_thread(self._watch, "distrifusion-watchdog")
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
 
     @property
     def live_ranks(self) -> int:
-        return 1 + sum(worker.is_alive() for worker in self._workers)
+        return 1 + sum(worker.alive for worker in self._workers)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers if worker.pid is not None]
+
+    def wait_serving(self, timeout: float | None = None) -> str:
+        """Blocks while the group is being rebuilt; returns the state it is then in."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._state != REBUILDING, timeout)
+            return self._state
+
+    def _set_state(self, state: str, **details: Any) -> None:
+        with self._lock:
+            self._state = state
+            self._lock.notify_all()
+        self._on_event("state", state=state, **details)
+
+    # -- requests ------------------------------------------------------------------------------
 
     def validate(self, request: DenoiseRequest) -> None:
         """Raises ConfigError naming the first field this group cannot run."""
@@ -235,14 +168,20 @@ class UNetGroup:
 
     def warm_up(self, height: int, width: int, text_tokens: int) -> None:
         """Runs every step phase of this size once (two short generations at batch 1), so that
-        CUDA graphs are captured, communicators formed and kernels tuned before serving."""
+        CUDA graphs are captured, communicators formed and kernels tuned before serving; a rebuilt
+        group repeats it."""
+        with self._run_lock:
+            self._warm_up(height, width, text_tokens)
+        self._warmups.append((height, width, text_tokens))
+
+    def _warm_up(self, height: int, width: int, text_tokens: int) -> None:
         unet_config = self.pipeline.unet.config
         # The first generation records the exchange and captures the steady and last steps; the
         # second captures the warm-up steps, which only become graphable once the exchange is fixed.
         first_async = self.config.warmup_steps + 1
         try:
             for steps in (first_async + 3, first_async + 1):
-                self.denoise(warmup_request(unet_config, height, width, text_tokens, steps))
+                self._run(warmup_request(unet_config, height, width, text_tokens, steps), _never)
         except Exception as error:
             hint = (
                 " (CUDA graphs are on: build with --no-cuda-graphs to serve eager, measured slower)"
@@ -252,10 +191,26 @@ class UNetGroup:
             raise RuntimeError(f"warm-up at {width}x{height} failed{hint}: {error}") from error
 
     def denoise(self, request: DenoiseRequest, should_stop: Callable[[], bool] = _never) -> DenoiseResult:
-        """Runs the request on every rank; ``should_stop()`` (checked each step) ends it early."""
+        """Runs the request on every rank; ``should_stop()`` (checked each step) ends it early.
+
+        Raises ConfigError (a field this group cannot run), GroupFault (a rank was lost during
+        the request; retrying is safe) or GroupUnavailable (the group gave up, or is closed).
+        """
         self.validate(request)
-        if self.live_ranks < self.ranks:
-            raise RuntimeError(f"only {self.live_ranks} of {self.ranks} ranks are alive")
+        with self._run_lock:
+            if self._state != SERVING:
+                raise GroupUnavailable(self.unavailable_reason())
+            return self._run(request, should_stop)
+
+    def unavailable_reason(self) -> str:
+        if self._state == GAVE_UP:
+            return (
+                f"the UNet group gave up after {self.policy.max_rebuilds} failed rebuilds within "
+                f"{self.policy.rebuild_window_s:.0f} s (last fault: {self._fault}); the server needs a restart"
+            )
+        return f"the UNet group is {self._state}"
+
+    def _run(self, request: DenoiseRequest, should_stop: Callable[[], bool]) -> DenoiseResult:
         request = dataclasses.replace(
             request,
             prompt_embeds=request.prompt_embeds.detach(),
@@ -264,39 +219,208 @@ class UNetGroup:
             negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds.detach(),
             seeds=[random.randrange(2**63) if seed is None else seed for seed in request.seeds],
         )
-        for channel in self._commands:
-            channel.send(("denoise", request))
-        result = run_denoise(self.pipeline, request, should_stop)
-        self._raise_worker_failures()
+        shape = (request.height, request.width, len(request.seeds))
+        injection = FaultInjection()
+        completed = 0
+
+        def on_step(step: int) -> None:
+            nonlocal completed
+            completed = step + 1
+            self._heartbeat(step + 1, shape)
+            injection.check_step(0, step)
+
+        self._heartbeat(0, shape)
+        try:
+            for worker in self._workers:
+                worker.send("denoise", request)
+            result = run_denoise(self.pipeline, request, should_stop, on_step)
+        except Exception as error:
+            raise self._fault_after(error).at_step(completed + 1, request.num_inference_steps) from error
+        finally:
+            self._progress = None
+        # The deadline follows the typical step of the latest generation of this shape: its median,
+        # which one slow step (a capture, a neighbour starting up) does not move.
+        steps = [record.seconds for record in self.pipeline.unet.steps]
+        if steps:
+            self._typical_step[shape] = statistics.median(steps)
         return result
+
+    def _heartbeat(self, step: int, shape: tuple) -> None:
+        typical = self._typical_step.get(shape)
+        self._progress = _Progress(step, time.monotonic(), self.policy.deadline(typical), typical)
+
+    def _fault_after(self, error: Exception) -> GroupFault:
+        """The fault behind a failed generation: the watchdog's, if it names a lost rank within a
+        moment (a peer's death reaches rank 0's collective first), else rank 0's own error."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._fault is not None, _CLASSIFY_SECONDS)
+            fault = self._fault
+        if fault is None:
+            fault = GroupFault("rank_raised", 0, self.devices[0] if self.devices else None,
+                               f"raised {type(error).__name__}: {error}")  # fmt: skip
+            self._break(fault)
+        return self._fault or fault
+
+    # -- faults and rebuilds -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        live = self.live_ranks
+        while self._state != CLOSED:
+            time.sleep(_POLL_SECONDS)
+            now_live = self.live_ranks
+            if now_live != live:
+                live = now_live
+                self._on_event("live_ranks", live=live, ranks=self.ranks)
+            if self._state == GAVE_UP:
+                continue
+            lost = next((w for w in list(self._workers) if not w.alive and not w.ended_by_us), None)
+            if lost is not None:
+                kind, cause = lost.cause_of_exit()
+                self._break(GroupFault(kind, lost.rank, lost.device, cause))
+                continue
+            progress = self._progress
+            if progress is not None and time.monotonic() - progress.at > progress.deadline_s:
+                stopped = next((w for w in self._workers if w.stopped()), None)
+                basis = (
+                    f"{self.policy.step_deadline_factor:g} x the median step, {progress.typical_s:.2f} s"
+                    if progress.typical_s is not None and progress.deadline_s > self.policy.step_deadline_s
+                    else "the floor"
+                )
+                waited = f"did not finish a step within the {progress.deadline_s:.1f} s deadline ({basis})"
+                if stopped is not None:
+                    self._break(
+                        GroupFault("deadline", stopped.rank, stopped.device, f"is stopped and {waited}")
+                    )
+                else:
+                    self._break(GroupFault("deadline", None, None, waited))
+
+    def _break(self, fault: GroupFault) -> None:
+        """Ends every worker and aborts the process group, so nothing waits on the lost rank;
+        a serving group then starts rebuilding (a rebuilding one retries on its own)."""
+        with self._lock:
+            if self._state in (CLOSED, GAVE_UP):
+                return
+            first = self._fault is None
+            if first:
+                self._fault = fault
+            workers = list(self._workers)
+            rebuild = self._state == SERVING
+            if rebuild:
+                self._state = REBUILDING
+                self._lock.notify_all()
+        for worker in workers:
+            worker.ended_by_us = True
+            if worker.alive:
+                worker.process.kill()
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
+        if first:
+            self._on_event("fault", fault=fault)
+        if rebuild:
+            self._on_event("state", state=REBUILDING, fault=fault)
+            self._start_thread(self._rebuild, "distrifusion-rebuild")
+
+    def _rebuild(self) -> None:
+        started = time.monotonic()
+        with self._run_lock:  # once the failed generation has left
+            while self._state != CLOSED:
+                try:
+                    self._teardown()
+                    self._form()
+                    for height, width, text_tokens in self._warmups:
+                        self._warm_up(height, width, text_tokens)
+                except Exception as error:
+                    if self._state == CLOSED:
+                        return
+                    now = time.monotonic()
+                    self._failed_rebuilds.append(now)
+                    while (
+                        self._failed_rebuilds
+                        and now - self._failed_rebuilds[0] > self.policy.rebuild_window_s
+                    ):
+                        self._failed_rebuilds.popleft()
+                    failures = len(self._failed_rebuilds)
+                    self._on_event("rebuild_failed", error=error, failures=failures, policy=self.policy)
+                    if failures >= self.policy.max_rebuilds:
+                        self._teardown()
+                        self._set_state(GAVE_UP, error=error, policy=self.policy)
+                        return
+                    time.sleep(min(2.0**failures, 10.0))
+                    continue
+                fault, self._fault = self._fault, None
+                self._set_state(SERVING, fault=fault, seconds=time.monotonic() - started)
+                self._on_event(
+                    "restart", reason=fault.kind if fault else "unknown", seconds=time.monotonic() - started
+                )
+                return
+
+    # -- forming and ending the group ----------------------------------------------------------
+
+    def _form(self) -> None:
+        """Spawns the workers, joins the process group and loads (or re-wires) the UNet."""
+        port = free_port()
+        indices = self._device_indices
+        self._workers = [self._spawn(rank, port) for rank in range(1, self.ranks)]
+        device = self._placement(self.config.device, indices[0] if indices else None)
+        self.devices = [str(device)]
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        for worker in self._workers:
+            worker.wait_for(
+                "placed", max(0.0, deadline - time.monotonic()), stop=lambda: self._state == CLOSED
+            )
+        if self.ranks > 1:
+            timeout = datetime.timedelta(seconds=self.policy.collective_timeout_s)
+            init_local_rank(0, self.ranks, port, self.config.device, timeout=timeout)
+        if self.pipeline is None:
+            self.pipeline = load_unet_pipeline(self.model_directory, self.config, device)
+        else:
+            # The weights stay in this process; only the ranks, their buffers and graphs are new.
+            self.pipeline.unet.use_topology(
+                Topology.from_process_group(self.config.split_batch), abandon=True
+            )
+        for worker in self._workers:
+            worker.wait_for(
+                "ready", max(0.0, deadline - time.monotonic()), stop=lambda: self._state == CLOSED
+            )
+            self.devices.append(worker.device)
+        self._on_event("live_ranks", live=self.live_ranks, ranks=self.ranks)
+
+    def _spawn(self, rank: int, port: int) -> RankWorker:
+        index = self._device_indices[rank] if self._device_indices else None
+        return RankWorker(
+            rank,
+            self.ranks,
+            port,
+            self.config,
+            self.model_directory,
+            index,
+            self._placement,
+            self._threads,
+            self.policy.collective_timeout_s,
+        )
+
+    def _teardown(self) -> None:
+        for worker in self._workers:
+            worker.end()
+        if dist.is_available() and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads_started.append(thread)
+        thread.start()
 
     def close(self) -> None:
         """Stops the workers (they finish what they run) and leaves the process group."""
-        for channel in self._commands:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                channel.send(("stop", None))
+        with self._lock:
+            self._state = CLOSED
+            self._lock.notify_all()
         for worker in self._workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
-        self._workers.clear()
-        self._commands.clear()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _await_workers_ready(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
-        for rank, replies in enumerate(self._replies, start=1):
-            if not replies.poll(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"rank {rank} did not start within {_START_TIMEOUT_SECONDS:.0f} s")
-            status, detail = replies.recv()
-            if status != "ready":
-                raise RuntimeError(f"rank {rank} failed to start:\n{detail}")
-            self.devices.append(detail)
-
-    def _raise_worker_failures(self) -> None:
-        for rank, replies in enumerate(self._replies, start=1):
-            if replies.poll():
-                _, detail = replies.recv()
-                raise RuntimeError(f"rank {rank} failed:\n{detail}")
+            worker.stop()
+        with self._run_lock:
+            self._teardown()
+        for thread in self._threads_started:
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)

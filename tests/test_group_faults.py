@@ -1,0 +1,172 @@
+"""A served UNet group that loses a rank, without a server: detected, the request in flight failed
+with a named, retryable error, the group rebuilt, and the next request served as before.
+
+One group (2 gloo ranks, this process is rank 0) goes through every case in order; the last one
+makes it give up. Faults are real: SIGKILL and SIGSTOP by pid, and the test-only injection file
+(``DISTRIFUSION_FAULT_INJECTION``) for a rank that raises or fails to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from processes import still_running_after
+
+from distrifusion.config import DistriConfig
+from distrifusion.serving.denoise import DenoiseRequest
+from distrifusion.serving.faults import INJECTION_VARIABLE, FaultPolicy, GroupFault, GroupUnavailable
+from distrifusion.serving.unet_group import GAVE_UP, REBUILDING, SERVING, UNetGroup
+
+POLICY = FaultPolicy(step_deadline_s=3.0, max_rebuilds=2, rebuild_window_s=300.0, collective_timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def request_of(tiny_sdxl_dir: Path):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a lighthouse", negative_prompt="fog")
+
+    def make(steps: int = 5) -> DenoiseRequest:
+        return DenoiseRequest(embeds, pooled, negative, negative_pooled, seeds=[11], height=128, width=128,
+                              num_inference_steps=steps, guidance_scale=5.0)  # fmt: skip
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(INJECTION_VARIABLE, str(path))  # the workers inherit it
+        yield path
+
+
+@pytest.fixture(scope="module")
+def events() -> list:
+    return []
+
+
+@pytest.fixture(scope="module")
+def group(tiny_sdxl_dir: Path, faults: Path, events: list) -> Iterator[UNetGroup]:
+    unet_group = UNetGroup(
+        str(tiny_sdxl_dir), DistriConfig(), ranks=2, threads_per_rank=1, policy=POLICY,
+        on_event=lambda kind, **details: events.append((time.monotonic(), kind, details)),
+    )  # fmt: skip
+    yield unet_group
+    pids = unet_group.worker_pids
+    unet_group.close()
+    assert still_running_after(pids, seconds=10) == set()
+
+
+@pytest.fixture(scope="module")
+def clean(group: UNetGroup, request_of) -> torch.Tensor:
+    return group.denoise(request_of()).latents
+
+
+def restarts(events: list) -> list[str]:
+    return [details["reason"] for _, kind, details in events if kind == "restart"]
+
+
+def denoise_in_background(group: UNetGroup, request: DenoiseRequest) -> dict:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = group.denoise(request)
+        except Exception as error:
+            outcome["error"] = error
+        outcome["at"] = time.monotonic()
+
+    outcome["thread"] = threading.Thread(target=run)
+    outcome["thread"].start()
+    return outcome
+
+
+def test_a_worker_killed_while_idle_is_noticed_and_replaced(group, request_of, events, clean) -> None:
+    (old,) = group.worker_pids
+    killed = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+    while group.state == SERVING and time.monotonic() - killed < 5:
+        time.sleep(0.05)
+    assert group.state == REBUILDING, "a lost rank is noticed within 5 s, with no request running"
+    noticed = time.monotonic() - killed
+    assert group.wait_serving(timeout=30) == SERVING, "serving again within 30 s"
+    assert group.worker_pids != [old] and restarts(events) == ["rank_exited"]
+    lost = [details for _, kind, details in events if kind == "live_ranks" and details["live"] == 1]
+    assert lost, "the live-rank count changes when the rank is lost, not at the next request"
+    assert torch.equal(group.denoise(request_of()).latents, clean)
+    print(f"noticed after {noticed:.2f} s, serving again after {time.monotonic() - killed:.1f} s")
+
+
+def test_a_worker_killed_during_a_request_fails_it_promptly_and_says_why(group, request_of, clean) -> None:
+    running = denoise_in_background(group, request_of(steps=400))
+    time.sleep(1.0)
+    (pid,) = group.worker_pids
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    running["thread"].join(timeout=30)
+    error = running.get("error")
+    assert isinstance(error, GroupFault), running
+    assert running["at"] - killed < 10
+    message = str(error)
+    assert "rank 1 (cpu) was killed by SIGKILL at step" in message and "of 400" in message
+    assert "safe to retry" in message
+    assert group.wait_serving(timeout=30) == SERVING
+    assert torch.equal(group.denoise(request_of()).latents, clean)
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_that_raises_fails_the_request_and_the_group_is_rebuilt(
+    group, request_of, faults, clean, rank
+) -> None:
+    faults.write_text(json.dumps({"raise": [{"rank": rank, "step": 2}]}))
+    with pytest.raises(
+        GroupFault, match=rf"rank {rank} \(cpu\) raised RuntimeError: injected fault"
+    ) as raised:
+        group.denoise(request_of())
+    assert raised.value.kind == "rank_raised"
+    assert group.wait_serving(timeout=30) == SERVING
+    assert torch.equal(group.denoise(request_of()).latents, clean), "the next output equals a clean run's"
+
+
+def test_a_stopped_worker_is_caught_by_the_step_deadline_and_ended(group, request_of, events) -> None:
+    group.denoise(request_of(steps=8))  # times this shape's steps (the deadline: 10x the slowest, >= 3 s)
+    running = denoise_in_background(group, request_of(steps=400))
+    time.sleep(1.0)
+    (pid,) = group.worker_pids
+    stopped = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    running["thread"].join(timeout=30)
+    error = running.get("error")
+    assert isinstance(error, GroupFault) and error.kind == "deadline", running
+    found = re.search(
+        r"rank 1 \(cpu\) is stopped and did not finish a step within the ([\d.]+) s deadline", str(error)
+    )
+    assert found, error
+    deadline = float(found.group(1))
+    assert deadline >= POLICY.step_deadline_s
+    assert deadline - 1.0 <= running["at"] - stopped < deadline + 5.0
+    assert still_running_after([pid], seconds=5) == set(), "the stopped process is ended"
+    assert group.wait_serving(timeout=30) == SERVING
+    assert restarts(events)[-1] == "deadline"
+
+
+def test_repeated_failed_rebuilds_give_up(group, request_of, faults) -> None:
+    faults.write_text(json.dumps({"fail_start": [1]}))
+    (pid,) = group.worker_pids
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while group.state == SERVING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group.wait_serving(timeout=60) == GAVE_UP
+    with pytest.raises(GroupUnavailable, match="gave up after 2 failed rebuilds"):
+        group.denoise(request_of())
