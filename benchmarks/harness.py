@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from distrifusion.serving.cpu_server import child_pids
+from distrifusion.serving.processes import child_pids
 
 MIB = 1024 * 1024
 

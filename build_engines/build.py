@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument(
         "--default-guidance-scale", type=float, help="guidance of a request that names none (default 5.0)"
     )
+    faults = parser.add_argument_group("faults (default: FaultPolicy's own)")
+    faults.add_argument("--step-deadline-s", type=float, help="floor of the per-step deadline (default 60)")
+    faults.add_argument(
+        "--step-deadline-factor",
+        type=float,
+        help="deadline = factor x the median step of a shape (default 10)",
+    )
+    faults.add_argument(
+        "--max-rebuilds", type=int, help="failed rebuilds within the window that give up (default 3)"
+    )
+    faults.add_argument("--rebuild-window-s", type=float, help="the window of --max-rebuilds (default 600)")
+    faults.add_argument("--collective-timeout-s", type=float, help="bound on every collective (default 300)")
     parser.add_argument(
         "--warmup-resolutions",
         help="WIDTHxHEIGHT list run once per UNet instance at load, before the server is ready "
@@ -195,6 +207,7 @@ def unet_stage_config(
     """The UNet stage's :class:`~distrifusion.serving.stage_config.StageConfig` from the flags; a flag
     left out takes the config's (or the engine's) own default."""
     from distrifusion.config import ConfigError, DistriConfig
+    from distrifusion.serving.faults import FaultPolicy
     from distrifusion.serving.stage_config import Placement, RequestSettings, StageConfig
 
     def given(**values: Any) -> dict[str, Any]:
@@ -253,7 +266,18 @@ def unet_stage_config(
             warmup = []
         else:
             warmup = parse_resolutions(args.warmup_resolutions, "--warmup-resolutions")
-        return StageConfig(engine=engine, placement=placement, requests=requests, warmup=tuple(warmup))
+        faults = FaultPolicy(
+            **given(
+                step_deadline_s=args.step_deadline_s,
+                step_deadline_factor=args.step_deadline_factor,
+                max_rebuilds=args.max_rebuilds,
+                rebuild_window_s=args.rebuild_window_s,
+                collective_timeout_s=args.collective_timeout_s,
+            )
+        )
+        return StageConfig(
+            engine=engine, placement=placement, requests=requests, faults=faults, warmup=tuple(warmup)
+        )
     except ConfigError as error:
         raise ValueError(f"UNet stage: {error}") from None
 
@@ -408,6 +432,7 @@ def _build(
         text_encoder_cases,
         vae_decoder_cases,
     )
+    from distrifusion.serving.health import GATE
     from distrifusion.serving.stage_config import MODEL_DIRECTORY
     from distrifusion.serving.tokenize import SDXLTokenizers
 
@@ -416,6 +441,7 @@ def _build(
         ENSEMBLE,
         ONNX_RUNTIME_TEMPLATE,
         TOKENIZER,
+        TRITON_GLUE,
         UNET,
         check_repository,
         copy_tokenizers,
@@ -533,10 +559,15 @@ def _build(
     with progress.stage("tokenizer files and model code"):
         copy_tokenizers(model_dir, repo / TOKENIZER / "1")
         shutil.copy2(templates / TOKENIZER / "1" / "model.py", repo / TOKENIZER / "1" / "model.py")
+        shutil.copy2(templates / TRITON_GLUE, repo / TOKENIZER / "1" / TRITON_GLUE)
         if args.target == "cpu":
             for name in ONNX_STAGES:
                 shutil.copy2(templates / ONNX_RUNTIME_TEMPLATE / "model.py", repo / name / "1" / "model.py")
+                shutil.copy2(templates / TRITON_GLUE, repo / name / "1" / TRITON_GLUE)
         (repo / ENSEMBLE / "1").mkdir(parents=True)
+        # Loaded only by the supervisor, while some part of the server is broken.
+        shutil.copytree(templates / GATE, repo / GATE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy2(templates / TRITON_GLUE, repo / GATE / "1" / TRITON_GLUE)
 
     with progress.stage(f"UNet stage: copying {model_dir / 'unet'} and scheduler/"):
         shutil.copytree(
@@ -546,6 +577,7 @@ def _build(
         )
         if not (repo / UNET / "1").is_dir():
             raise BuildError(f"{unet_template} has no version folder 1/ (with the stage's model.py)")
+        shutil.copy2(templates / TRITON_GLUE, repo / UNET / "1" / TRITON_GLUE)
         summary = copy_unet_model(model_dir, repo / UNET / "1" / MODEL_DIRECTORY, variant=args.variant)
         written = unet_stage.save(repo / UNET / "1")
         progress.log(

@@ -10,6 +10,7 @@ Layout written (both targets)::
     <repo>/unet/config.pbtxt, 1/model.py (and whatever else model_repository/unet/ holds),
           1/stage_config.json  the stage's settings (distrifusion.serving.stage_config)
           1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/
+    <repo>/readiness_gate/config.pbtxt, 1/model.py     loaded by the supervisor during recovery only
     <repo>/build_manifest.json                          what was built, from what, with which checks
 """
 
@@ -39,6 +40,8 @@ ENSEMBLE = "sdxl"
 TOKENIZER = "tokenizer"
 UNET = "unet"
 ONNX_RUNTIME_TEMPLATE = "onnx_runtime"
+# Copied next to every Python-backend model.py: their one shared module that imports Triton.
+TRITON_GLUE = "triton_glue.py"
 
 TRITON_TYPES = {
     "bool": "TYPE_BOOL",

@@ -467,8 +467,11 @@ def test_gpu_requests_are_bounded_by_the_vae_profile() -> None:
 
 
 def test_the_stage_config_round_trips_and_names_unknown_settings(tmp_path: Path) -> None:
-    stage = _gpu_stage("--unet-gpus", "0,1", "--mode", "sync_gn", "--comm-batch-size", "30")
+    stage = _gpu_stage(
+        "--unet-gpus", "0,1", "--mode", "sync_gn", "--comm-batch-size", "30", "--step-deadline-s", "7"
+    )
     assert StageConfig.from_dict(json.loads(stage.to_json_string())) == stage
+    assert stage.faults.step_deadline_s == 7
     for broken, message in (
         ({"engine": {"cuda_graph": True}}, "engine.cuda_graph: unknown setting"),
         ({"enigne": {}}, "enigne: unknown setting"),
@@ -480,6 +483,9 @@ def test_the_stage_config_round_trips_and_names_unknown_settings(tmp_path: Path)
         ({"engine": {"split_batch": True}, "placement": {"ranks": 3}}, "engine.split_batch: needs an even"),
         ({"requests": {"max_width": 512}}, "requests.default_width: must be an integer from 1 to 512"),
         ({"engine": {"warmup_steps": True}}, "engine.warmup_steps: must be an integer >= 0"),
+        ({"faults": {"max_rebuild": 1}}, "faults.max_rebuild: unknown setting"),
+        ({"faults": {"step_deadline_s": 0}}, "faults.step_deadline_s: must be a number of seconds > 0"),
+        ({"faults": {"step_deadline_s": 500}}, "faults.collective_timeout_s: must exceed step_deadline_s"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             StageConfig.from_dict(broken)

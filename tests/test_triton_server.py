@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import queue
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from clients.sdxl_client import build_inputs, generate
 from distrifusion.launch import spawn_local
-from distrifusion.serving.cpu_server import CpuServer
+from distrifusion.serving.cpu_server import CpuServer, metric_total, scrape_metrics
 
 pytestmark = pytest.mark.server
 
@@ -225,7 +223,7 @@ def _cancel_after(server: Server, model: str, inputs: list, seconds: float) -> d
 
     (The UNet's metrics are updated when a request ends, so they cannot tell when it started.)
     """
-    before = _scrape(server)
+    before = scrape_metrics(server.metrics)
     client = grpcclient.InferenceServerClient(server.grpc)
     done: queue.Queue = queue.Queue()
     future = client.async_infer(model, inputs, callback=lambda result, error: done.put(error))
@@ -240,10 +238,12 @@ def test_cancelled_unet_request_stops_between_steps(server: Server) -> None:
     before = _cancel_after(server, "unet", _unet_inputs(steps=1000), seconds=5)
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)  # queued behind the cancelled one
     assert result["images"].shape == (1, 128, 128, 3)
-    after = _scrape(server)
-    cancelled = _total(after, "distrifusion_failures_total", kind="cancelled")
-    assert cancelled == _total(before, "distrifusion_failures_total", kind="cancelled") + 1
-    steps = _total(after, "distrifusion_unet_steps_total") - _total(before, "distrifusion_unet_steps_total")
+    after = scrape_metrics(server.metrics)
+    cancelled = metric_total(after, "distrifusion_failures_total", kind="cancelled")
+    assert cancelled == metric_total(before, "distrifusion_failures_total", kind="cancelled") + 1
+    steps = metric_total(after, "distrifusion_unet_steps_total") - metric_total(
+        before, "distrifusion_unet_steps_total"
+    )
     # ~30 steps run in the 5 s before the cancel on an idle 2-core machine; uncancelled it runs 1000
     assert steps < 250, f"{steps} UNet steps ran: the cancelled request was not stopped"
 
@@ -259,33 +259,15 @@ def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_servi
     assert result["images"].shape == (1, 128, 128, 3)
 
 
-def _scrape(server: Server) -> dict[tuple[str, frozenset], float]:
-    url = f"http://127.0.0.1:{server.ports['METRICS_PORT']}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if match and not line.startswith("#"):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            samples[(match.group(1), labels)] = float(match.group(3))
-    return samples
-
-
-def _total(samples: dict, name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(value for (metric, found), value in samples.items() if metric == name and wanted <= found)
-
-
 def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
-    before = _scrape(server)
+    before = scrape_metrics(server.metrics)
     generate(server.grpc, prompts=["a red fox"], seeds=[1], height=128, width=128, num_inference_steps=8)
     with pytest.raises(InferenceServerException):
         grpcclient.InferenceServerClient(server.grpc).infer("sdxl", _raw_inputs({"height": 130}))
-    after = _scrape(server)
+    after = scrape_metrics(server.metrics)
 
     def added(name: str, **labels: str) -> float:
-        return _total(after, name, **labels) - _total(before, name, **labels)
+        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
 
     # 8 steps with warmup_steps 4: steps 0..4 synchronous, 5..7 asynchronous
     assert added("distrifusion_unet_steps_total", phase="warmup") == 5
@@ -295,7 +277,7 @@ def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
     assert added("distrifusion_unet_communication_wait_seconds_count", phase="async") == 3
     assert added("distrifusion_images_total") == 1
     assert added("distrifusion_failures_total", kind="invalid_argument") == 1
-    assert _total(after, "distrifusion_live_ranks", model="unet") == RANKS
+    assert metric_total(after, "distrifusion_live_ranks", model="unet") == RANKS
 
 
 def test_stopping_the_server_leaves_no_worker_behind(repository: Path, server: Server) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 import triton_python_backend_utils as pb_utils
+from triton_glue import error_response, output_tensor
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -31,18 +31,6 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(bool)": np.bool_,
 }
-
-
-def output_tensor(name: str, array: np.ndarray) -> pb_utils.Tensor:
-    """A response tensor, passed by DLPack through torch: the Python-backend stub of tritonserver
-    2.51 (built against numpy 1) writes empty buffers for ``pb_utils.Tensor(name, ndarray)`` when
-    numpy 2 is installed; this path works with either numpy."""
-    return pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(array)))
-
-
-def _error(message: str) -> pb_utils.TritonError:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 class TritonPythonModel:
@@ -83,7 +71,7 @@ class TritonPythonModel:
             try:
                 feeds = self._feeds(request)
             except ValueError as err:
-                responses[index] = pb_utils.InferenceResponse(error=_error(str(err)))
+                responses[index] = error_response(str(err), "invalid_argument")
                 continue
             key = tuple((name, feeds[name].shape[1:]) for name in self.inputs)
             groups.setdefault(key, []).append((index, feeds))
@@ -94,9 +82,7 @@ class TritonPythonModel:
                 results = self.session.run(self.outputs, batch)
             except Exception as err:  # an ONNX Runtime failure fails these requests, not the server
                 for index, _ in members:
-                    responses[index] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"{self.model_name}: {err}")
-                    )
+                    responses[index] = error_response(f"{self.model_name}: {err}")
                 continue
             splits = np.cumsum(sizes)[:-1]
             parts = [np.split(result, splits) for result in results]

@@ -9,6 +9,7 @@ and memory from Linux's /proc. It imports nothing from Triton's Python backend.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..launch import free_port
+from .processes import child_pids, cmdline, stub_models, tritonserver_pid
 
 _SERVER_SCRIPT = Path("scripts") / "triton_server.sh"
 
@@ -131,33 +133,18 @@ def shared_cpu_server(log_path: Path, register_cleanup: Callable[[Callable[[], N
     return server
 
 
-def child_pids(pid: int) -> list[int]:
-    """The live children of ``pid`` (empty once it is gone)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(child) for child in path.read_text().split()]
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return []
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-
-
-def server_processes(server_pid: int) -> dict[str, int]:
-    """What :meth:`CpuServer.processes` returns, for the tritonserver of ``server_pid``."""
-    found = {"tritonserver": server_pid}
-    for stub in child_pids(server_pid):
-        command = _cmdline(stub)
-        if not command or "triton_python_backend_stub" not in command[0]:
-            continue
-        # The stub's first argument is <repository>/<model>/<version>/model.py.
-        model = Path(command[1]).parts[-3] if len(command) > 1 else str(stub)
+def server_processes(root_pid: int) -> dict[str, int]:
+    """What :meth:`CpuServer.processes` returns, for the server started as ``root_pid`` (the
+    supervisor, with tritonserver as its child; or tritonserver itself)."""
+    server = tritonserver_pid(root_pid)
+    if server is None:
+        return {}
+    found = {"tritonserver": server}
+    if server != root_pid:
+        found["supervisor"] = root_pid
+    for stub, model in stub_models(server).items():
         found[f"stub:{model}"] = stub
-        workers = [child for child in child_pids(stub) if "resource_tracker" not in " ".join(_cmdline(child))]
+        workers = [child for child in child_pids(stub) if "resource_tracker" not in " ".join(cmdline(child))]
         for rank, worker in enumerate(sorted(workers), start=1):
             found[f"{model}:rank{rank}"] = worker
     return found
@@ -178,3 +165,22 @@ def status_bytes(pid: int, field: str) -> int | None:
 def rss_bytes(pid: int) -> int | None:
     """The resident memory of ``pid`` (VmRSS), None once it is gone."""
     return status_bytes(pid, "VmRSS")
+
+
+def scrape_metrics(url: str) -> dict[tuple[str, frozenset], float]:
+    """The Prometheus samples at ``url`` (host:port/metrics): (name, labels) -> value."""
+    with urllib.request.urlopen(f"http://{url}", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def metric_total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples that carry ``labels``."""
+    wanted = set(labels.items())
+    return sum(value for (metric, found), value in samples.items() if metric == name and wanted <= found)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from ..config import ConfigError
 from ..unet import StepRecord
+from .faults import GroupFault, GroupUnavailable
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -43,7 +44,22 @@ METRICS = (
     MetricSpec("distrifusion_images_total", "Images whose latents the UNet stage finished", "counter"),
     MetricSpec("distrifusion_failures_total", "Failed UNet-stage requests, by kind", "counter"),
     MetricSpec("distrifusion_live_ranks", "Live ranks of this instance's patch-parallel group", "gauge"),
+    MetricSpec(
+        "distrifusion_group_restarts_total",
+        "Rebuilds of the patch-parallel group, by the fault's reason",
+        "counter",
+    ),
+    MetricSpec(
+        "distrifusion_group_state",
+        "1 for the group's current state (serving, rebuilding, gave_up), else 0",
+        "gauge",
+    ),
 )
+
+PHASES = ("warmup", "async")
+FAILURE_KINDS = ("invalid_argument", "cancelled", "internal", "unavailable")
+RESTART_REASONS = ("rank_exited", "rank_raised", "deadline")
+GROUP_STATES = ("serving", "rebuilding", "gave_up")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +70,53 @@ class Observation:
 
 
 def failure_kind(outcome: object) -> str | None:
-    """None for a success; else the ``kind`` label of the failure."""
+    """None for a success; else the ``kind`` label of the failure (one of FAILURE_KINDS)."""
     from .unet_stage import Cancelled
 
     if isinstance(outcome, ConfigError):
         return "invalid_argument"
     if isinstance(outcome, Cancelled):
         return "cancelled"
+    if isinstance(outcome, (GroupFault, GroupUnavailable)):
+        return "unavailable"
     if isinstance(outcome, Exception):
         return "internal"
     return None
 
 
-def observations(
-    steps: Iterable[StepRecord], outcomes: Iterable[object], live_ranks: int
-) -> list[Observation]:
+def initial_observations(live_ranks: int, state: str) -> list[Observation]:
+    """Every series with its known labels, at load: a ``rate()`` alert needs a series from 0."""
+    added = [Observation("distrifusion_images_total", 0)]
+    for phase in PHASES:
+        labels = (("phase", phase),)
+        added.append(Observation("distrifusion_unet_steps_total", 0, labels))
+    added += [Observation("distrifusion_failures_total", 0, (("kind", kind),)) for kind in FAILURE_KINDS]
+    added += [
+        Observation("distrifusion_group_restarts_total", 0, (("reason", reason),))
+        for reason in RESTART_REASONS
+    ]
+    return [*added, Observation("distrifusion_live_ranks", live_ranks), *state_observations(state)]
+
+
+def state_observations(state: str) -> list[Observation]:
+    return [
+        Observation("distrifusion_group_state", float(state == known), (("state", known),))
+        for known in GROUP_STATES
+    ]
+
+
+def event_observations(kind: str, details: dict) -> list[Observation]:
+    """What one of the group's events changes, as it happens."""
+    if kind == "live_ranks":
+        return [Observation("distrifusion_live_ranks", details["live"])]
+    if kind == "restart":
+        return [Observation("distrifusion_group_restarts_total", 1, (("reason", details["reason"]),))]
+    if kind == "state" and details["state"] in GROUP_STATES:
+        return state_observations(details["state"])
+    return []
+
+
+def observations(steps: Iterable[StepRecord], outcomes: Iterable[object]) -> list[Observation]:
     """What the UNet steps and the per-request outcomes of one ``execute()`` add to the metrics."""
     added: list[Observation] = []
     for step in steps:
@@ -86,5 +134,4 @@ def observations(
             added.append(Observation("distrifusion_images_total", len(outcome.seeds)))
         else:
             added.append(Observation("distrifusion_failures_total", 1, (("kind", kind),)))
-    added.append(Observation("distrifusion_live_ranks", live_ranks))
     return added

@@ -8,6 +8,8 @@ reads. Three parts, kept apart:
   without ``device``, which follows from the placement); its defaults and checks are the engine's.
 - ``placement``: which processes and devices form each model instance's group.
 - ``requests``: what a request may ask for, and what it gets when it asks nothing.
+- ``faults``: how a hung rank is caught and how often the group may be rebuilt
+  (:class:`~distrifusion.serving.faults.FaultPolicy`).
 
 Plus ``warmup``: the sizes every instance runs once at load (CUDA graphs captured, NCCL
 communicators formed, kernels tuned) before Triton reports it ready. Every setting has one default
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, DistriConfig
+from .faults import FaultPolicy
 
 STAGE_CONFIG_NAME = "stage_config.json"
 """The file, in the stage's version folder."""
@@ -171,6 +174,7 @@ class StageConfig:
     engine: DistriConfig
     placement: Placement = dataclasses.field(default_factory=Placement)
     requests: RequestSettings = dataclasses.field(default_factory=RequestSettings)
+    faults: FaultPolicy = dataclasses.field(default_factory=FaultPolicy)
     warmup: tuple[tuple[int, int], ...] = ()
     """(width, height) of each size run once at load, at batch 1."""
 
@@ -200,7 +204,7 @@ class StageConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageConfig:
         """Builds the config from its JSON form; unknown keys and bad values raise ConfigError."""
-        _known("", data, ("engine", "placement", "requests", "warmup"))
+        _known("", data, ("engine", "placement", "requests", "faults", "warmup"))
         placement_data = data.get("placement", {})
         _known("placement.", placement_data, tuple(field.name for field in dataclasses.fields(Placement)))
         placement = Placement(**placement_data)
@@ -212,6 +216,8 @@ class StageConfig:
             raise ConfigError(f"engine.{error}") from None
         requests_data = data.get("requests", {})
         _known("requests.", requests_data, tuple(field.name for field in dataclasses.fields(RequestSettings)))
+        faults_data = data.get("faults", {})
+        _known("faults.", faults_data, tuple(field.name for field in dataclasses.fields(FaultPolicy)))
         warmup = data.get("warmup", ())
         if not isinstance(warmup, Sequence) or isinstance(warmup, str):
             raise ConfigError(f"warmup: expected a list of [width, height] pairs, got {warmup!r}")
@@ -219,6 +225,7 @@ class StageConfig:
             engine=engine,
             placement=placement,
             requests=RequestSettings(**requests_data),
+            faults=FaultPolicy(**faults_data),
             warmup=tuple(warmup),
         )
 
@@ -252,6 +259,7 @@ class StageConfig:
             "engine": engine,
             "placement": placement,
             "requests": dataclasses.asdict(self.requests),
+            "faults": dataclasses.asdict(self.faults),
             "warmup": [list(size) for size in self.warmup],
         }
 

@@ -62,6 +62,12 @@ class TokenizedBatch:
         return {name: getattr(self, name) for name in OUTPUT_NAMES}
 
 
+MAX_TEXT_BYTES = 16384
+"""The longest prompt accepted, in UTF-8 bytes. CLIP reads 77 tokens, which even long words fill
+within about 1.5 KB; refusing more before any work keeps one huge text (tokenizing 10 MB took 32 s
+here) from holding the tokenizer stage for everyone behind it."""
+
+
 def decode_text(value: Any, field: str) -> str:
     """One text input as ``str``: Triton BYTES elements arrive as ``bytes`` (UTF-8)."""
     if isinstance(value, np.ndarray):
@@ -69,6 +75,17 @@ def decode_text(value: Any, field: str) -> str:
         if value.size != 1:
             raise TokenizeError(field, f"expected one string per request, got {value.size}")
         value = value.reshape(-1)[0]
+    size = (
+        len(value.encode("utf-8"))
+        if isinstance(value, str)
+        else len(value)
+        if isinstance(value, (bytes, bytearray, np.bytes_))
+        else 0
+    )
+    if size > MAX_TEXT_BYTES:
+        raise TokenizeError(
+            field, f"is {size} bytes long; at most {MAX_TEXT_BYTES} bytes are accepted (CLIP reads 77 tokens)"
+        )
     if isinstance(value, (bytes, bytearray, np.bytes_)):
         try:
             return bytes(value).decode("utf-8")

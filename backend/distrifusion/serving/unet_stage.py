@@ -18,8 +18,11 @@ import torch
 
 from ..config import ConfigError
 from ..unet import StepRecord
+from .denoise import DenoiseRequest
+from .faults import GroupFault, GroupUnavailable
+from .health import HealthBoard, health_directory
 from .stage_config import MODEL_DIRECTORY, STAGE_CONFIG_NAME, RequestSettings, StageConfig
-from .unet_group import DenoiseRequest, UNetGroup
+from .unet_group import SERVING, EventSink, UNetGroup
 
 ENCODER_INPUTS = (
     "hidden_states_1",
@@ -33,6 +36,10 @@ REQUIRED_INPUTS = (*ENCODER_INPUTS, "negative_given")
 OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
 INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS)
 OUTPUTS = ("latents", "seed")
+
+
+def _ignore(kind: str, **details: Any) -> None:
+    pass
 
 
 class Cancelled(Exception):
@@ -164,17 +171,58 @@ def denoise_request(requests: list[StageRequest], force_zeros_for_empty_prompt: 
 
 
 class UNetStage:
-    """The patch-parallel group of one model instance plus request handling."""
+    """The patch-parallel group of one model instance plus request handling.
 
-    def __init__(self, group: UNetGroup, force_zeros_for_empty_prompt: bool, requests: RequestSettings):
-        self.group = group
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.requests = requests
+    Starts the group of model instance ``instance`` and warms it up at ``config.warmup``;
+    ``text_tokens`` is the token count of the text encoders' hidden states (the warm-up's shape).
+    The group's events (state, live ranks, faults, restarts) go to ``on_event`` and its state to
+    the server's health board, where the supervisor reads it.
+    """
+
+    def __init__(
+        self,
+        config: StageConfig,
+        version_directory: str,
+        instance: int,
+        text_tokens: int,
+        on_event: EventSink = _ignore,
+    ) -> None:
+        self.requests = config.requests
+        self.name = f"unet_{instance}"
         self._steps: list[StepRecord] = []
         self._server = os.getppid()
+        self._on_event = on_event
+        self._health = HealthBoard(health_directory(self._server))
+        placement = config.placement
+        gpus = placement.instance_gpus(instance, torch.cuda.device_count() if placement.gpus else 0)
+        self.group = UNetGroup(
+            os.path.join(version_directory, MODEL_DIRECTORY),
+            config.engine,
+            placement.ranks_per_instance,
+            None if gpus is None else list(gpus),
+            placement.threads_per_rank,
+            policy=config.faults,
+            on_event=self._group_event,
+        )
+        try:
+            self.force_zeros_for_empty_prompt = bool(
+                self.group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True)
+            )
+            for width, height in config.warmup:
+                self.group.warm_up(height, width, text_tokens)
+        except BaseException:
+            self.group.close()
+            raise
+        self._publish(self.group.state)
 
     @classmethod
-    def load(cls, model_config: Mapping[str, Any], version_directory: str, instance_name: str) -> UNetStage:
+    def load(
+        cls,
+        model_config: Mapping[str, Any],
+        version_directory: str,
+        instance_name: str,
+        on_event: EventSink = _ignore,
+    ) -> UNetStage:
         """The stage of one Triton model instance: its ``config.pbtxt`` (as the JSON Triton passes to
         ``initialize``), its version folder, and its instance name (``unet_0_<index>``)."""
         if model_config.get("parameters"):
@@ -186,33 +234,18 @@ class UNetStage:
         config = StageConfig.from_json_file(os.path.join(version_directory, STAGE_CONFIG_NAME))
         tokens = next(t["dims"][0] for t in model_config["input"] if t["name"] == ENCODER_INPUTS[0])
         match = re.search(r"_(\d+)$", instance_name)
-        return cls.from_config(config, version_directory, int(match.group(1)) if match else 0, int(tokens))
+        instance = int(match.group(1)) if match else 0
+        return cls(config, version_directory, instance, int(tokens), on_event)
 
-    @classmethod
-    def from_config(
-        cls, config: StageConfig, version_directory: str, instance: int, text_tokens: int
-    ) -> UNetStage:
-        """Starts the group of model instance ``instance`` and warms it up at ``config.warmup``.
+    def _group_event(self, kind: str, **details: Any) -> None:
+        if kind == "state" and hasattr(self, "group"):  # the group's first events come from its constructor
+            self._publish(details["state"], fault=details.get("fault"), error=details.get("error"))
+        self._on_event(kind, **details)
 
-        ``text_tokens``: the token count of the text encoders' hidden states (the warm-up's shape).
-        """
-        placement = config.placement
-        gpus = placement.instance_gpus(instance, torch.cuda.device_count() if placement.gpus else 0)
-        group = UNetGroup(
-            os.path.join(version_directory, MODEL_DIRECTORY),
-            config.engine,
-            placement.ranks_per_instance,
-            None if gpus is None else list(gpus),
-            placement.threads_per_rank,
+    def _publish(self, state: str, **detail: Any) -> None:
+        self._health.publish(
+            self.name, state, ranks=self.group.ranks, workers=self.group.worker_pids, **detail
         )
-        try:
-            force_zeros = bool(group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True))
-            for width, height in config.warmup:
-                group.warm_up(height, width, text_tokens)
-        except BaseException:
-            group.close()
-            raise
-        return cls(group, force_zeros, config.requests)
 
     def run(
         self, inputs: list[Mapping[str, np.ndarray | None]], cancelled: list[Callable[[], bool]]
@@ -231,14 +264,25 @@ class UNetStage:
                 outcomes[index] = error
                 continue
             batches.setdefault(request.batch_key, []).append((index, request))
+        fault: GroupFault | None = None
         for members in batches.values():
             indices = [index for index, _ in members]
-            try:
-                results = self._run_batch(
-                    [request for _, request in members], [cancelled[i] for i in indices]
-                )
-            except Exception as error:  # reported per request; the server keeps serving
-                results = [error] * len(members)
+            if fault is not None:
+                # Responses of one execute() leave together: holding these for the rebuild would
+                # hold the failed request's answer too. They were not started; retrying is safe.
+                results: list[StageResult | Exception] = [fault] * len(members)
+            elif self.group.wait_serving() != SERVING:
+                results = [GroupUnavailable(self.group.unavailable_reason())] * len(members)
+            else:
+                try:
+                    results = self._run_batch(
+                        [request for _, request in members], [cancelled[i] for i in indices]
+                    )
+                except GroupFault as lost:
+                    fault = lost
+                    results = [lost] * len(members)
+                except Exception as error:  # reported per request; the server keeps serving
+                    results = [error] * len(members)
             outcomes.update(zip(indices, results, strict=True))
         return [outcomes[index] for index in range(len(inputs))]
 
@@ -270,9 +314,6 @@ class UNetStage:
         steps, self._steps = self._steps, []
         return steps
 
-    @property
-    def ready(self) -> bool:
-        return self.group.live_ranks == self.group.ranks
-
     def close(self) -> None:
         self.group.close()
+        self._publish("closed")

@@ -4,32 +4,40 @@ import json
 import os
 
 import triton_python_backend_utils as pb_utils
+from triton_glue import Metrics, error_response, log, output_tensor
 
-from distrifusion.serving.metrics import METRICS, failure_kind, observations
+from distrifusion.serving.faults import event_log
+from distrifusion.serving.metrics import (
+    METRICS,
+    event_observations,
+    failure_kind,
+    initial_observations,
+    observations,
+)
 from distrifusion.serving.unet_stage import INPUTS, UNetStage
-
-# Names, not values: pb_utils gains TritonError and MetricFamily only after the stub starts, and
-# the stub also imports this file earlier (for config auto-complete).
-_ERROR_CODES = {"invalid_argument": "INVALID_ARG", "cancelled": "CANCELLED", "internal": "INTERNAL"}
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        self.metrics = Metrics(
+            METRICS, {"model": args["model_name"], "instance": args["model_instance_name"]}
+        )
         self.stage = UNetStage.load(
             json.loads(args["model_config"]),
             os.path.join(args["model_repository"], args["model_version"]),
             args["model_instance_name"],
+            self._event,
         )
-        self.instance_labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
-        self.specs = {spec.name: spec for spec in METRICS}
-        self.families = {
-            spec.name: pb_utils.MetricFamily(
-                spec.name, spec.description, getattr(pb_utils.MetricFamily, spec.kind.upper())
-            )
-            for spec in METRICS
-        }
-        self.metrics = {}
-        self._record(observations([], [], self.stage.group.live_ranks))
+        group = self.stage.group
+        self.metrics.record(initial_observations(group.live_ranks, group.state))
+
+    def _event(self, kind: str, **details) -> None:
+        # From the group's watchdog and rebuild threads too, as things happen.
+        line = event_log(kind, details)
+        if line is not None:
+            log(*line)
+        if hasattr(self, "stage"):
+            self.metrics.record(event_observations(kind, details))
 
     def execute(self, requests: list) -> list:
         inputs = []
@@ -39,38 +47,17 @@ class TritonPythonModel:
                 {name: None if tensor is None else tensor.as_numpy() for name, tensor in tensors.items()}
             )
         outcomes = self.stage.run(inputs, [request.is_cancelled for request in requests])
-        self._record(observations(self.stage.take_steps(), outcomes, self.stage.group.live_ranks))
+        self.metrics.record(observations(self.stage.take_steps(), outcomes))
         return [_response(outcome) for outcome in outcomes]
-
-    def is_ready(self) -> bool:
-        return self.stage.ready
 
     def finalize(self) -> None:
         self.stage.close()
-
-    def _record(self, added: list) -> None:
-        for observation in added:
-            key = (observation.metric, observation.labels)
-            if key not in self.metrics:
-                spec = self.specs[observation.metric]
-                labels = {**self.instance_labels, **dict(observation.labels)}
-                buckets = {"buckets": list(spec.buckets)} if spec.buckets else {}
-                self.metrics[key] = self.families[observation.metric].Metric(labels=labels, **buckets)
-            metric, kind = self.metrics[key], self.specs[observation.metric].kind
-            if kind == "counter":
-                metric.increment(observation.value)
-            elif kind == "gauge":
-                metric.set(observation.value)
-            else:
-                metric.observe(observation.value)
 
 
 def _response(outcome: object) -> "pb_utils.InferenceResponse":
     kind = failure_kind(outcome)
     if kind is not None:
-        message = str(outcome) if kind != "internal" else f"unet: {outcome}"
-        code = getattr(pb_utils.TritonError, _ERROR_CODES[kind])
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+        return error_response(str(outcome) if kind != "internal" else f"unet: {outcome}", kind)
     return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor("latents", outcome.latents), pb_utils.Tensor("seed", outcome.seeds)]
+        output_tensors=[output_tensor("latents", outcome.latents), output_tensor("seed", outcome.seeds)]
     )

@@ -1,0 +1,262 @@
+"""Runs tritonserver and keeps it honest: replaces dead Python-backend stubs and holds readiness
+false while any part is broken.
+
+    python -m distrifusion.serving.supervisor [--http 127.0.0.1:8000] -- tritonserver ARGS...
+
+Why it exists (tritonserver 2.51, the CPU server, and 25.10, the production image, alike; read in
+their python_backend and core sources): a stub that dies (OOM-killed, crashed) is never restarted,
+and every later request to its model fails with "Stub process is not healthy"; a model's
+``is_ready()`` is not called; and ``/v2/health/ready`` stays 200 throughout, because strict
+readiness only looks at each model's lifecycle state (READY, LOADING, UNAVAILABLE). A model that is
+LOADING, or whose last load failed, makes the server not ready; one unloaded on purpose does not.
+
+So, with the server in ``--model-control-mode=explicit``:
+
+- A stub gone -> that model is unloaded and loaded again through the model-control API (new
+  stubs); the ensembles that use it go and come back with it, so requests fail clearly meanwhile.
+- A UNet group rebuilding (its stage says so on the health board, :mod:`.health`) -> nothing to
+  do here: the stage rebuilds in its own process, so requests queued behind the fault are served.
+- While anything is broken, the *gate* model (``readiness_gate``) is being loaded: its
+  ``initialize()`` waits until the supervisor opens the gate, so the server reports not ready
+  until then; the gate is unloaded again afterwards (an unloaded model does not count).
+- After ``--max-reloads`` failed reloads of one model within ``--window-s``, or a UNet group that
+  gave up, the gate is told to fail its load: the server stays not ready, and the supervisor's
+  own entry on the board says ``gave_up``, which the liveness probe (:mod:`.probe`) turns into a
+  container restart.
+
+The supervisor forwards SIGTERM and SIGINT to tritonserver and exits with its exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .health import GATE, HEALTH_DIR_VARIABLE, SUPERVISOR, HealthBoard, health_directory
+from .processes import stub_models
+
+_POLL_SECONDS = 0.5
+_UNLOAD_WAIT_S = 10.0
+
+
+class TritonControl:
+    """The few HTTP calls of Triton's health and model-control APIs that the supervisor needs."""
+
+    def __init__(self, http: str) -> None:
+        self.base = f"http://{http}"
+
+    def _call(self, path: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path, data=data, method="GET" if body is None else "POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+                return response.status, json.loads(text) if text else None
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except OSError as error:
+            return 0, str(error)
+
+    def live(self) -> bool:
+        return self._call("/v2/health/live")[0] == 200
+
+    def ready(self) -> bool:
+        return self._call("/v2/health/ready")[0] == 200
+
+    def loaded(self) -> dict[str, str]:
+        """Model name -> lifecycle state (READY, LOADING, UNAVAILABLE, ...)."""
+        status, index = self._call("/v2/repository/index", {})
+        if status != 200 or not isinstance(index, list):
+            return {}
+        return {entry["name"]: entry.get("state", "") for entry in index}
+
+    def reload(self, model: str, timeout: float) -> str | None:
+        """Unloads ``model`` and loads it again (new stubs); None, or the error. A load of a loaded
+        model with an unchanged config would do nothing, and a dead stub is not replaced by one.
+        Ensembles that use the model are unloaded with it and come back with it."""
+        deadline = time.monotonic() + timeout
+        # Bounded: when a stub dies inside execute(), tritonserver 2.51 never finishes unloading
+        # that version (the request in flight keeps it referenced); loading anew works all the same.
+        self.unload(model, _UNLOAD_WAIT_S)
+        error = self.load(model, max(1.0, deadline - time.monotonic()))
+        return None if error is None else f"load of {model}: {error}"
+
+    def load(self, model: str, timeout: float) -> str | None:
+        status, detail = self._call(f"/v2/repository/models/{model}/load", {}, timeout=timeout)
+        return None if status == 200 else f"[{status}] {detail}"
+
+    def unload(self, model: str, timeout: float) -> None:
+        """Unloads ``model`` and waits until it is gone: Triton answers the call at once, and a load
+        of the same model while it still unloads can hang."""
+        self._call(f"/v2/repository/models/{model}/unload", {})
+        deadline = time.monotonic() + timeout
+        while self.loaded().get(model) == "UNLOADING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        server: subprocess.Popen,
+        control: TritonControl,
+        board: HealthBoard,
+        max_reloads: int,
+        window_s: float,
+    ) -> None:
+        self.server = server
+        self.control = control
+        self.board = board
+        self.max_reloads = max_reloads
+        self.window_s = window_s
+        self._failed_reloads: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._expected: dict[str, int] = {}
+        """Model -> how many stubs it has when healthy."""
+        self._gate_thread: threading.Thread | None = None
+        self.state = "starting"
+        self.stopping = False
+
+    def log(self, message: str) -> None:
+        print(f"supervisor: {message}", file=sys.stderr, flush=True)
+
+    def publish(self, state: str, **detail: Any) -> None:
+        self.state = state
+        self.board.publish(SUPERVISOR, state, server=self.server.pid, **detail)
+
+    def stop(self, signum: int) -> None:
+        """Passes ``signum`` on to tritonserver and stands down: no reloads while it shuts down,
+        and a gate that is loading fails at once instead of holding the shutdown up."""
+        self.stopping = True
+        self.board.publish(GATE, "stopping")
+        self.server.send_signal(signum)
+
+    def run(self) -> int:
+        self.board.publish(GATE, "closed")
+        self.publish("starting")
+        while self.server.poll() is None and not self.control.ready():
+            self.publish("starting")
+            time.sleep(_POLL_SECONDS)
+        if self.server.poll() is None:
+            self._expected = collections.Counter(stub_models(self.server.pid).values())
+            self.log(f"watching stubs {dict(self._expected)}")
+        while self.server.poll() is None:
+            if not self.stopping:
+                self.watch_once()
+            time.sleep(_POLL_SECONDS)
+        return self.server.returncode
+
+    def watch_once(self) -> None:
+        if self.state == "gave_up":
+            self.publish("gave_up")
+            return
+        stubs = collections.Counter(stub_models(self.server.pid).values())
+        missing = [model for model, count in self._expected.items() if stubs.get(model, 0) < count]
+        groups = self.board.entries("unet_")
+        rebuilding = sorted(name for name, entry in groups.items() if entry["state"] == "rebuilding")
+        gave_up = sorted(name for name, entry in groups.items() if entry["state"] == "gave_up")
+        if gave_up:
+            self.give_up(f"UNet group(s) {gave_up} gave up rebuilding")
+            return
+        if not missing and not rebuilding:
+            if self._gate_thread is not None:
+                self.open_gate()
+            self.publish("watching")
+            return
+        self.close_gate()
+        self.publish("recovering", missing=missing, rebuilding=rebuilding)
+        for model in missing:
+            self.log(f"a stub of {model} is gone: reloading it")
+            error = self.control.reload(model, timeout=1800)
+            if error is None:
+                self.log(f"{model} reloaded")
+                continue
+            failures = self._failed_reloads[model]
+            now = time.monotonic()
+            failures.append(now)
+            while failures and now - failures[0] > self.window_s:
+                failures.popleft()
+            self.log(f"reload of {model} failed ({len(failures)} of {self.max_reloads}): {error}")
+            if len(failures) >= self.max_reloads:
+                self.give_up(
+                    f"{model} failed to reload {len(failures)} times within {self.window_s:.0f} s: {error}"
+                )
+                return
+
+    def close_gate(self) -> None:
+        """Keeps the server not ready: the gate model loads until the gate is opened."""
+        if self._gate_thread is not None and self._gate_thread.is_alive():
+            return
+        self.board.publish(GATE, "closed")
+        self._gate_thread = threading.Thread(target=self.control.load, args=(GATE, 3600.0), daemon=True)
+        self._gate_thread.start()
+
+    def open_gate(self) -> None:
+        self.board.publish(GATE, "open")
+        if self._gate_thread is not None:
+            self._gate_thread.join(timeout=60)
+        self._gate_thread = None
+        self.control.unload(GATE, timeout=60)
+        self.log("all parts serving: readiness restored")
+
+    def give_up(self, reason: str) -> None:
+        self.log(f"giving up: {reason}")
+        self.board.publish(GATE, "gave_up", reason=reason)
+        if self._gate_thread is None or not self._gate_thread.is_alive():
+            self._gate_thread = threading.Thread(target=self.control.load, args=(GATE, 60.0), daemon=True)
+            self._gate_thread.start()
+        self.publish("gave_up", reason=reason)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m distrifusion.serving.supervisor", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--http",
+        help="tritonserver's HTTP address (default: 127.0.0.1 and the command's --http-port, else 8000)",
+    )
+    parser.add_argument("--max-reloads", type=int, default=3, help="failed reloads of one model that give up")
+    parser.add_argument("--window-s", type=float, default=600.0, help="the window of --max-reloads")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver ARGS...")
+    args = parser.parse_args(argv)
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if not args.command:
+        parser.error("give the server's command after --")
+    if "--model-control-mode=explicit" not in args.command:
+        parser.error(
+            "tritonserver must run with --model-control-mode=explicit (models are reloaded through it)"
+        )
+    if args.http is None:
+        ports = [arg.split("=", 1)[1] for arg in args.command if arg.startswith("--http-port=")]
+        args.http = f"127.0.0.1:{ports[-1] if ports else 8000}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    directory = Path(os.environ.get(HEALTH_DIR_VARIABLE) or health_directory(os.getpid()))
+    directory.mkdir(parents=True, exist_ok=True)
+    board = HealthBoard(directory)
+    server = subprocess.Popen(args.command, env={**os.environ, HEALTH_DIR_VARIABLE: str(directory)})
+
+    supervisor = Supervisor(server, TritonControl(args.http), board, args.max_reloads, args.window_s)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: supervisor.stop(signum))
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
