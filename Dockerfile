@@ -118,7 +118,8 @@ ENTRYPOINT ["/opt/distrifusion/deploy/docker/entrypoint.sh"]
 CMD ["tritonserver", \
      "--model-repository=/models/repository", \
      "--backend-directory=/opt/tritonserver/backends", \
-     "--model-control-mode=none", \
+     "--model-control-mode=explicit", \
+     "--load-model=sdxl", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \
@@ -152,7 +153,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/distrifusion/deploy/docker/entrypoint.sh"]
 CMD ["tritonserver", \
      "--model-repository=/models/repository", \
-     "--model-control-mode=none", \
+     "--model-control-mode=explicit", \
+     "--load-model=sdxl", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \

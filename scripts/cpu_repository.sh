@@ -18,6 +18,6 @@ stamp_file=$repository/.build-stamp
 if [ ! -f "$repository/sdxl/config.pbtxt" ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   echo "[prepare] building the CPU model repository in $repository" >&2
   HF_HUB_OFFLINE=1 .venv/bin/python -m build_engines --model "$model_dir" --output "$repository" \
-    --target cpu --unet-ranks 2 --max-resolution 1024x1024 --force
+    --target cpu --unet-ranks 2 --max-resolution 1024x1024 --warmup-resolutions 512x512 --force
   echo "$stamp_value" >"$stamp_file"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the real tritonserver bundled in the nvidia-pytriton wheel (CPU machines; the production
-# image has its own) on a model repository, in the foreground:
+# image has its own) on a model repository, in the foreground, under the supervisor:
 #   scripts/triton_server.sh [MODEL_REPOSITORY] [extra tritonserver flags...]
 # Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with HTTP_PORT, GRPC_PORT, METRICS_PORT).
 set -euo pipefail
@@ -29,8 +29,12 @@ fi
 export PATH="$venv/bin:$PATH"
 export LD_LIBRARY_PATH="$python_libdir:$site/nvidia_pytriton.libs:${LD_LIBRARY_PATH:-}"
 export HF_HUB_OFFLINE=1
-exec "$server/bin/tritonserver" \
+# Under the supervisor (distrifusion.serving.supervisor), as in the production image: it reloads
+# dead Python-backend stubs and holds readiness false while any part is broken, which needs the
+# model-control API (explicit mode; the ensemble loads its composing models).
+exec "$venv/bin/python" -m distrifusion.serving.supervisor -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
+  --model-control-mode=explicit --load-model=sdxl \
   --backend-directory="$(realpath "$server/backends")" \
   --http-port="${HTTP_PORT:-8000}" --grpc-port="${GRPC_PORT:-8001}" --metrics-port="${METRICS_PORT:-8002}" \
   --allow-metrics=true \

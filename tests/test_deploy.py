@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -467,7 +468,12 @@ def test_ports_and_probes_agree_with_the_server_flags(rendered: dict, overlay: s
     assert service["spec"]["selector"].items() <= labels.items()
     assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # Liveness asks the supervisor too: /v2/health/live stays 200 after the server gave up.
+    probe = container["livenessProbe"]["exec"]["command"]
+    assert probe[:4] == ["python3", "-m", "distrifusion.serving.probe", "live"]
+    assert probe[probe.index("--http") + 1] == f"127.0.0.1:{PORTS['http']}"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DISTRIFUSION_HEALTH_DIR"].startswith("/tmp/")  # the writable scratch volume
     startup = container["startupProbe"]
     # Model load and UNet warm-up: at least 10 minutes before liveness applies.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
@@ -768,7 +774,9 @@ def test_entrypoint_checks_the_repository_and_sizes_the_cuda_pool(tmp_path: Path
     command = [
         a if not a.startswith("--model-repository=") else f"--model-repository={repo}" for a in command
     ]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CUDA_MEMORY_POOL_BYTE_SIZE": "12345"}
+    # python3 as in the image: one that has this project (the entrypoint runs the supervisor).
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "CUDA_MEMORY_POOL_BYTE_SIZE": "12345"}
     entrypoint = str(DEPLOY / "docker" / "entrypoint.sh")
     result = subprocess.run([entrypoint, *command], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr

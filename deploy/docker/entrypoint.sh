@@ -6,7 +6,7 @@
 #      (deploy/docker/repository_key.py check), so a wrong engine is never loaded;
 #   2. sizes Triton's CUDA memory pool (the ensemble's GPU tensors between stages) on every visible
 #      GPU: --cuda-memory-pool-byte-size=<gpu>:$CUDA_MEMORY_POOL_BYTE_SIZE (none without a GPU);
-# then replaces itself with the command. Any other command runs unchanged.
+# then replaces itself with the supervisor running the command. Any other command runs unchanged.
 set -euo pipefail
 
 here=$(dirname "$(readlink -f "$0")")
@@ -31,5 +31,7 @@ gpus=$(python3 "$here/repository_key.py" gpu-count)
 for ((gpu = 0; gpu < gpus; gpu++)); do
   pool_flags+=("--cuda-memory-pool-byte-size=${gpu}:${CUDA_MEMORY_POOL_BYTE_SIZE:-536870912}")
 done
-echo "entrypoint: ${gpus} GPU(s); starting $*${pool_flags[*]:+ ${pool_flags[*]}}" >&2
-exec "$@" "${pool_flags[@]}"
+echo "entrypoint: ${gpus} GPU(s); starting $*${pool_flags[*]:+ ${pool_flags[*]}} under the supervisor" >&2
+# The supervisor (distrifusion.serving.supervisor) runs tritonserver as its child, reloads dead
+# Python-backend stubs and holds readiness false while any part is broken.
+exec python3 -m distrifusion.serving.supervisor -- "$@" "${pool_flags[@]}"
