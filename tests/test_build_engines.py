@@ -46,7 +46,7 @@ from distrifusion.export import (
     vae_decoder_cases,
 )
 from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, StageConfig
-from distrifusion.serving.tokenize import SDXLTokenizers, TokenizeError
+from distrifusion.serving.tokenize import MAX_TEXT_BYTES, SDXLTokenizers, TokenizeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,14 @@ def test_bad_requests_name_the_field(tokenizers: SDXLTokenizers, prompt, negativ
         tokenizers.encode_tensors(prompt, negative)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
+
+
+def test_a_huge_prompt_is_refused_before_any_tokenizing(tokenizers: SDXLTokenizers) -> None:
+    huge = np.array([[b"lighthouse " * 1_000_000]], dtype=object)  # 11 MB
+    with pytest.raises(TokenizeError, match=r"prompt: is 11000000 bytes long; at most 16384 bytes"):
+        tokenizers.encode_tensors(huge, None)  # checked on the bytes: tokenizing 10 MB took 32 s
+    longest = np.array([[b"a" * MAX_TEXT_BYTES]], dtype=object)
+    assert tokenizers.encode_tensors(longest, None).truncated.all()
 
 
 # --- ONNX exports -----------------------------------------------------------------------------------
