@@ -91,14 +91,20 @@ def chaos_soak(
             client.close()
 
     def killer() -> None:
-        while time.monotonic() + kill_every_s < deadline:
-            time.sleep(kill_every_s)
-            workers = sorted(pid for role, pid in server.processes().items() if role.startswith("unet:rank"))
+        # On a fixed schedule (every kill_every_s from the start), whatever the recovery took.
+        for number in itertools.count(1):
+            due = started + number * kill_every_s
+            if due >= deadline:
+                return
+            time.sleep(max(0.0, due - time.monotonic()))
+            processes = server.processes()
+            workers = sorted(pid for role, pid in processes.items() if role.startswith("unet:rank"))
             if not workers:
                 continue
+            rss = {role: (sample["rss"] / MIB) for role, sample in sample_rss(processes).items()}
             killed = time.monotonic()
             os.kill(workers[0], signal.SIGKILL)
-            kill: dict[str, Any] = {"at": killed - started, "pid": workers[0]}
+            kill: dict[str, Any] = {"at": killed - started, "pid": workers[0], "rss_mib_before": rss}
             went_false = None
             while time.monotonic() - killed < 120:
                 is_ready = ready(server.http)
@@ -158,6 +164,15 @@ def chaos_soak(
     }
 
 
+def rebuild_growth(kills: list[dict[str, Any]]) -> float | None:
+    """Rank 0's RSS change per rebuild between the second and the last kill (the first rebuild
+    also pays for one-time allocations)."""
+    rss = [k["rss_mib_before"].get("stub:unet") for k in kills[1:]]
+    if len(rss) < 2 or None in rss:
+        return None
+    return (rss[-1] - rss[0]) / (len(rss) - 1)
+
+
 def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
     kills = report["kills"]
     lines = [
@@ -174,6 +189,13 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
         f"after (s): {[round(k.get('ready_again_after_s', -1), 1) for k in kills]}.",
         f"- Serving again (a request sent after the kill succeeded): median "
         f"{report['served_again_median_s'] or 0:.1f} s, max {report['served_again_max_s'] or 0:.1f} s.",
+        "- RSS of rank 0 (the UNet stub) before each kill (MiB): "
+        f"{[round(k['rss_mib_before'].get('stub:unet', 0)) for k in kills]}"
+        + (
+            f"; {growth:+.1f} MiB per rebuild from the second kill on."
+            if (growth := rebuild_growth(kills))
+            else "."
+        ),
         "",
         "| process | RSS at start (MiB) | at the end (MiB) |",
         "|---|---:|---:|",

@@ -230,14 +230,19 @@ class UNetGroup:
             injection.check_step(0, step)
 
         self._heartbeat(0, shape)
+        fault = None
         try:
             for worker in self._workers:
                 worker.send("denoise", request)
             result = run_denoise(self.pipeline, request, should_stop, on_step)
         except Exception as error:
-            raise self._fault_after(error).at_step(completed + 1, request.num_inference_steps) from error
+            fault = self._fault_after(error).at_step(completed + 1, request.num_inference_steps)
         finally:
             self._progress = None
+        if fault is not None:
+            # Raised outside the except block, so it does not keep the failed generation's frames
+            # (its tensors, the lost group's exchange buffers) alive through __context__.
+            raise fault
         # The deadline follows the typical step of the latest generation of this shape: its median,
         # which one slow step (a capture, a neighbour starting up) does not move.
         steps = [record.seconds for record in self.pipeline.unet.steps]

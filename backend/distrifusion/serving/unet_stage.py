@@ -261,7 +261,7 @@ class UNetStage:
                 request = parse_request(request_inputs, self.requests)
                 self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
             except ConfigError as error:
-                outcomes[index] = error
+                outcomes[index] = error.with_traceback(None)
                 continue
             batches.setdefault(request.batch_key, []).append((index, request))
         fault: GroupFault | None = None
@@ -279,10 +279,12 @@ class UNetStage:
                         [request for _, request in members], [cancelled[i] for i in indices]
                     )
                 except GroupFault as lost:
-                    fault = lost
-                    results = [lost] * len(members)
+                    # Without its traceback: this frame would hold it in a cycle (and with it every
+                    # tensor of the failed generation) until a full garbage collection.
+                    fault = lost.with_traceback(None)
+                    results = [fault] * len(members)
                 except Exception as error:  # reported per request; the server keeps serving
-                    results = [error] * len(members)
+                    results = [error.with_traceback(None)] * len(members)
             outcomes.update(zip(indices, results, strict=True))
         return [outcomes[index] for index in range(len(inputs))]
 
