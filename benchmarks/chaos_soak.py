@@ -22,8 +22,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,6 @@ def documented(error: Exception) -> bool:
     """The error a request in flight gets when a rank is lost: UNAVAILABLE, retry is safe."""
     status = getattr(error, "status", lambda: "")()
     return status == "StatusCode.UNAVAILABLE" and "safe to retry" in str(error)
-
-
-def ready(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def chaos_soak(
@@ -107,7 +97,7 @@ def chaos_soak(
             kill: dict[str, Any] = {"at": killed - started, "pid": workers[0], "rss_mib_before": rss}
             went_false = None
             while time.monotonic() - killed < 120:
-                is_ready = ready(server.http)
+                is_ready = server.readiness() == 200
                 if not is_ready and went_false is None:
                     went_false = time.monotonic() - killed
                 if is_ready and went_false is not None:

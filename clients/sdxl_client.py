@@ -79,9 +79,11 @@ def generate(
         options = {}
     outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
     started = time.perf_counter()
-    result = client.infer(model, build_inputs(module, **fields), outputs=outputs, **options)
+    try:
+        result = client.infer(model, build_inputs(module, **fields), outputs=outputs, **options)
+    finally:
+        client.close()
     seconds = time.perf_counter() - started
-    client.close()
     return {
         "images": result.as_numpy("image"),
         "seeds": result.as_numpy("used_seed").reshape(-1).tolist(),

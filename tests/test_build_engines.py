@@ -51,7 +51,8 @@ from distrifusion.serving.tokenize import MAX_TEXT_BYTES, SDXLTokenizers, Tokeni
 ROOT = Path(__file__).resolve().parents[1]
 
 BOS, EOS = 49406, 49407
-EXPECTED_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+SERVING_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+EXPECTED_MODELS = SERVING_MODELS | {"readiness_gate"}  # the supervisor's, not part of the ensemble
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,11 @@ def _copy(config: ModelConfig) -> ModelConfig:
 def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
     assert {p.name for p in cpu_repo.iterdir() if p.is_dir()} == EXPECTED_MODELS
     for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
-        assert {p.name for p in (cpu_repo / name / "1").iterdir()} == {"model.onnx", "model.py"}
+        assert {p.name for p in (cpu_repo / name / "1").iterdir()} == {
+            "model.onnx",
+            "model.py",
+            "triton_glue.py",
+        }
     tokenizer = cpu_repo / "tokenizer" / "1"
     assert (tokenizer / "model.py").is_file()
     assert (tokenizer / "tokenizer" / "tokenizer_config.json").is_file()
@@ -289,9 +294,11 @@ def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None
 
     configs = check_repository(cpu_repo)  # schema, names, ensemble consistency
     assert set(configs) == EXPECTED_MODELS
+    assert configs["readiness_gate"].max_batch_size == 0
+    for name in SERVING_MODELS:
+        assert configs[name].max_batch_size == 3, name
     for name, config in configs.items():
-        assert config.max_batch_size == 3, name
-        assert validate_config(config) == []
+        assert validate_config(config) == [], name
     # Triton's own schema, strictly (unknown fields or bad enum values raise).
     for path in cpu_repo.glob("*/config.pbtxt"):
         parsed = text_format.Parse(path.read_text(), ModelConfig())

@@ -109,11 +109,15 @@ def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
     for mode in ASYNC_MODES:
         config = {"mode": mode, "warmup_steps": 1}
         cases.append((f"{mode} small", "sdxl", config, call(height=smallest, width=64, steps=5)))
-        cases.append((f"{mode} large", "sdxl", config, call(height=768, width=768, steps=4)))
+        cases.append((f"{mode} large", "sdxl", config, call(height=384, width=512, steps=3)))
     corrected = {"mode": "corrected_async_gn", "warmup_steps": 2}
     cases += [
         ("corrected_async_gn image", "sdxl", corrected, IMAGE_CALL),
         ("naive_patch image", "sdxl", {"mode": "naive_patch"}, IMAGE_CALL),
+    ]
+    if world != 2:  # the rest does not depend on the band count: once is enough on 2 cores
+        return cases
+    cases += [
         ("corrected_async_gn image again", "sdxl", corrected, IMAGE_CALL),
         (
             "corrected_async_gn image, 1 tensor per all-gather",
@@ -218,8 +222,8 @@ def test_async_modes_are_finite_at_small_and_large_sizes(world_outputs) -> None:
 
 def test_same_seed_twice_is_bit_identical_whatever_the_batching(world_outputs) -> None:
     world, outputs = world_outputs
-    if world == 3:
-        pytest.skip("checked on 2 and 4 ranks")
+    if world != 2:
+        pytest.skip("checked on 2 ranks")
     first = outputs["corrected_async_gn image"]
     assert np.array_equal(first, outputs["corrected_async_gn image again"])
     assert np.array_equal(first, outputs["corrected_async_gn image, 1 tensor per all-gather"])
@@ -237,8 +241,8 @@ def test_corrected_async_gn_is_closer_than_naive_patch(world_outputs, references
 
 def test_fp16_and_bf16_run_close_to_fp32(world_outputs, references) -> None:
     world, outputs = world_outputs
-    if world == 3:
-        pytest.skip("checked on 2 and 4 ranks")
+    if world != 2:
+        pytest.skip("checked on 2 ranks")
     expected = references[repr(("sdxl", call()))]
     for dtype, tolerance in (("fp16", 0.02), ("bf16", 0.05)):
         latents = outputs[f"{dtype} corrected_async_gn"]

@@ -64,10 +64,10 @@ def server(repository: Path) -> Iterator[Server]:
 
 
 def test_ready_and_metadata(server: Server) -> None:
-    client = httpclient.InferenceServerClient(server.http)
-    assert client.is_server_live() and client.is_server_ready()
-    for model in ("sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"):
-        assert client.is_model_ready(model), model
+    with httpclient.InferenceServerClient(server.http) as client:
+        assert client.is_server_live() and client.is_server_ready()
+        for model in ("sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+            assert client.is_model_ready(model), model
     metadata = grpcclient.InferenceServerClient(server.grpc).get_model_metadata("sdxl", as_json=True)
     inputs = {entry["name"]: entry["datatype"] for entry in metadata["inputs"]}
     assert inputs == {
@@ -199,6 +199,7 @@ def test_wrong_dtype_and_shape_are_rejected_over_http(server: Server) -> None:
             client.infer("sdxl", [prompt, bad])
         assert raised.value.status() == "400", raised.value
         assert bad.name() in raised.value.message()
+    client.close()
 
 
 def _unet_inputs(steps: int) -> list:
@@ -252,7 +253,7 @@ def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_servi
     # Triton 2.51's ensemble marks only the steps it schedules after the cancel as cancelled, not
     # the UNet step already running (triton-inference-server/server#6739): that step finishes.
     long_request = build_inputs(
-        grpcclient, ["a long one"], seeds=[1], height=512, width=512, num_inference_steps=150
+        grpcclient, ["a long one"], seeds=[1], height=512, width=512, num_inference_steps=30
     )
     _cancel_after(server, "sdxl", long_request, seconds=5)
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)

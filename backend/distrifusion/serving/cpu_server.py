@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -84,17 +85,25 @@ class CpuServer:
         except OSError:
             return ""
 
+    def readiness(self) -> int:
+        """/v2/health/ready's HTTP status (0: no answer). Every connection is closed at once: one left
+        open holds tritonserver's shutdown for its whole --exit-timeout-secs."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code
+        except OSError:
+            return 0
+
     def wait_ready(self, seconds: float = 600) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.readiness() == 200:
+                return
             time.sleep(1)
         raise TimeoutError(f"tritonserver not ready after {seconds:.0f} s:\n{self.log_tail()}")
 

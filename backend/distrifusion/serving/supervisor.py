@@ -66,7 +66,8 @@ class TritonControl:
                 text = response.read()
                 return response.status, json.loads(text) if text else None
         except urllib.error.HTTPError as error:
-            return error.code, error.read().decode(errors="replace")
+            with error:  # an open connection would hold tritonserver's shutdown
+                return error.code, error.read().decode(errors="replace")
         except OSError as error:
             return 0, str(error)
 
