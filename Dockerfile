@@ -120,6 +120,9 @@ CMD ["tritonserver", \
      "--backend-directory=/opt/tritonserver/backends", \
      "--model-control-mode=explicit", \
      "--load-model=sdxl", \
+     "--load-model=vae_decoder_whole", \
+     "--load-model=vae_decoder_tile_statistics", \
+     "--load-model=vae_decoder_tiles", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \
@@ -135,7 +138,9 @@ CMD ["tritonserver", \
 # --- server (default target): tritonserver on the model repository volume ---------------------
 # The model repository (TensorRT engines + UNet weights) is a volume mounted at /models/repository,
 # built once per GPU model and TensorRT version by the engine-build Job, never at start-up.
-# Flags: ports 8000 (HTTP) 8001 (gRPC) 8002 (metrics), metrics on (GPU + CPU); exit timeout 330 s,
+# Flags: the ensemble and the VAE engines its vae_decoder stage calls (BLS: explicit model control
+# loads an ensemble's own steps only); ports 8000 (HTTP) 8001 (gRPC) 8002 (metrics), metrics on
+# (GPU + CPU); exit timeout 330 s,
 # longer than the longest request (300 s, README); pinned host memory 1 GiB for the CPU<->GPU
 # copies around the Python UNet stage; Python-backend shared memory in /dev/shm starting at 16 MiB
 # per stub and growing by 64 MiB (a 4 x 2048 x 2048 uint8 image batch is 48 MiB). The entrypoint
@@ -155,6 +160,9 @@ CMD ["tritonserver", \
      "--model-repository=/models/repository", \
      "--model-control-mode=explicit", \
      "--load-model=sdxl", \
+     "--load-model=vae_decoder_whole", \
+     "--load-model=vae_decoder_tile_statistics", \
+     "--load-model=vae_decoder_tiles", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \

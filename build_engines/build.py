@@ -19,6 +19,7 @@ passed, so a failed build never leaves a half-written repository behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_RESOLUTION = (1024, 1024)
+MAX_SIDE = 4096
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -170,6 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     faults.add_argument("--rebuild-window-s", type=float, help="the window of --max-rebuilds (default 600)")
     faults.add_argument("--collective-timeout-s", type=float, help="bound on every collective (default 300)")
+    vae = parser.add_argument_group(
+        "VAE stage (a latent decodes whole where it fits, else in tiles; default: derived from the VAE config)"
+    )
+    vae.add_argument(
+        "--vae-memory-gb",
+        type=float,
+        help="working memory one decode may use (default: gpu 16, cpu 4); every tensor also stays "
+        "under TensorRT's 2^31 - 1 elements on gpu",
+    )
+    vae.add_argument(
+        "--vae-tile-above",
+        help="WIDTHxHEIGHT: images of more pixels decode in tiles even where the whole decode fits",
+    )
+    vae.add_argument("--vae-tile", type=int, help="tile side in pixels (default: the VAE's sample_size)")
+    vae.add_argument(
+        "--vae-tile-overlap",
+        type=int,
+        help="least overlap of neighbouring tiles in pixels (default: a quarter tile)",
+    )
+    vae.add_argument(
+        "--vae-tiles-per-call", type=int, help="tiles per engine call (default: as many as fit, at most 8)"
+    )
+    vae.add_argument(
+        "--vae-image-statistics",
+        type=float,
+        help="share of the whole image's GroupNorm statistics in each tile's, 0..1 (0: one pass, "
+        "each tile its own; default 0.75)",
+    )
     parser.add_argument(
         "--warmup-resolutions",
         help="WIDTHxHEIGHT list run once per UNet instance at load, before the server is ready "
@@ -286,6 +316,63 @@ def _check_resolutions(resolutions: Sequence[tuple[int, int]], multiple: int) ->
     bad = [f"{w}x{h}" for w, h in resolutions if w % multiple or h % multiple]
     if bad:
         raise ValueError(f"resolutions {', '.join(bad)}: not multiples of {multiple} px (this model's UNet)")
+    too_big = [f"{w}x{h}" for w, h in resolutions if max(w, h) > MAX_SIDE]
+    if too_big:
+        raise ValueError(f"resolutions {', '.join(too_big)}: at most {MAX_SIDE} px per side")
+
+
+def vae_decode_settings(args: argparse.Namespace, model_dir: Path, requests: Any) -> Any:
+    """The VAE stage's :class:`~distrifusion.vae.decode.DecodeSettings` from the flags and the VAE
+    config; every size the UNet stage accepts must decode, whole or in tiles."""
+    from distrifusion.vae.decode import DEFAULT_IMAGE_STATISTICS, DecodeSettings, DecodeTooLarge
+
+    config = json.loads((model_dir / "vae" / "config.json").read_text())
+    scale = 2 ** (len(config["block_out_channels"]) - 1)
+    gpu = args.target == "gpu"
+    budget_gb = args.vae_memory_gb if args.vae_memory_gb is not None else (16.0 if gpu else 4.0)
+    if budget_gb <= 0:
+        raise ValueError(f"--vae-memory-gb: must be positive, got {budget_gb}")
+    pixel_flags = {"--vae-tile": args.vae_tile, "--vae-tile-overlap": args.vae_tile_overlap}
+    for flag, value in pixel_flags.items():
+        if value is not None and (value < 0 or value % scale):
+            raise ValueError(
+                f"{flag}: {value} is not a non-negative multiple of {scale} px (the VAE's scale)"
+            )
+    if args.vae_tile == 0:
+        raise ValueError("--vae-tile: must be positive")
+    whole_max_pixels = None
+    if args.vae_tile_above:
+        width, height = parse_resolutions(args.vae_tile_above, "--vae-tile-above")[0]
+        whole_max_pixels = width * height
+    largest = (requests.max_height // scale, requests.max_width // scale)
+    try:
+        settings = DecodeSettings.derive(
+            config,
+            int(budget_gb * 2**30),
+            tensorrt=gpu,
+            tile=None if args.vae_tile is None else args.vae_tile // scale,
+            overlap=None if args.vae_tile_overlap is None else args.vae_tile_overlap // scale,
+            tiles_per_call=args.vae_tiles_per_call,
+            whole_max_pixels=whole_max_pixels,
+            image_statistics=DEFAULT_IMAGE_STATISTICS
+            if args.vae_image_statistics is None
+            else args.vae_image_statistics,
+        )
+        if gpu:  # the whole engine's profile: the largest square that decodes whole, within the limits
+            side = max((n for n in range(1, max(largest) + 1) if settings.decodes_whole(n, n)), default=0)
+            if side == 0:
+                raise ValueError("no latent decodes whole within --vae-memory-gb")
+            settings = dataclasses.replace(
+                settings, whole_max_latent=(min(side, largest[0]), min(side, largest[1]))
+            )
+        settings.check(*largest)
+    except DecodeTooLarge as error:
+        raise ValueError(
+            f"--max-resolution {requests.max_width}x{requests.max_height} with --vae-memory-gb {budget_gb:g}: {error}"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"VAE stage: {error}") from None
+    return settings
 
 
 def _size_multiple(model_dir: Path) -> int:
@@ -368,6 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_resolutions(
         [(requests.default_width, requests.default_height), *unet_stage.warmup], _size_multiple(model_dir)
     )
+    vae_settings = vae_decode_settings(args, model_dir, requests)
 
     progress = Progress(total=7 if args.target == "gpu" else 6)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -386,6 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch_sizes,
             max_batch,
             unet_stage,
+            vae_settings,
             gpu_info,
         )
         if output.exists():
@@ -420,17 +509,23 @@ def _build(
     batch_sizes: list[int],
     max_batch: int,
     unet_stage: Any,
+    vae_settings: Any,
     gpu_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from distrifusion.export import (
         ONNX_STAGES,
         VAE_DECODER,
+        VAE_ENGINES,
+        VAE_TILE_STATISTICS,
+        VAE_TILES,
+        VAE_WHOLE,
         check_stage,
         export_stage,
         load_components,
         stage_modules,
         text_encoder_cases,
         vae_decoder_cases,
+        vae_decoder_spec,
     )
     from distrifusion.serving.health import GATE
     from distrifusion.serving.stage_config import MODEL_DIRECTORY
@@ -486,11 +581,11 @@ def _build(
     with progress.stage("exporting ONNX and checking it against PyTorch with ONNX Runtime"):
         for name in ONNX_STAGES:
             module, spec = modules[name]
-            if name == VAE_DECODER:
+            if name in VAE_ENGINES:
                 channels = spec.inputs[0].dims[0]
-                example = vae_decoder_cases(channels, [(2, 16, 16)], seed=1)[0]
+                example = vae_decoder_cases(channels, [(2, 16, 16)], seed=1, module=module)[0]
                 # Batch 2 and 1, two latent sizes (one not square): the dynamic axes are exercised.
-                cases = vae_decoder_cases(channels, [(2, 16, 16), (1, 24, 16)], seed=2)
+                cases = vae_decoder_cases(channels, [(2, 16, 16), (1, 24, 16)], seed=2, module=module)
             else:
                 example = {"input_ids": ids[name][:2]}
                 cases = text_encoder_cases(ids[name])
@@ -532,15 +627,10 @@ def _build(
             for name in ONNX_STAGES:
                 module, spec = modules[name]
                 fp16 = trt_build.stage_precision(name)
-                if name == VAE_DECODER:
-                    # Every size the UNet stage accepts decodes: its bounds are the profile's.
-                    requests = unet_stage.requests
-                    sizes = [
-                        *resolutions,
-                        (requests.min_width, requests.min_height),
-                        (requests.max_width, requests.max_height),
-                    ]
-                    profile = trt_build.vae_profile(spec, batch_sizes, sizes, module.scale_factor)
+                if name in VAE_ENGINES:
+                    profile = trt_build.vae_engine_profile(
+                        spec, vae_settings, unet_stage.requests, resolutions
+                    )
                 else:
                     profile = trt_build.encoder_profile(spec, batch_sizes)
                 began = time.perf_counter()
@@ -564,6 +654,13 @@ def _build(
             for name in ONNX_STAGES:
                 shutil.copy2(templates / ONNX_RUNTIME_TEMPLATE / "model.py", repo / name / "1" / "model.py")
                 shutil.copy2(templates / TRITON_GLUE, repo / name / "1" / TRITON_GLUE)
+        # The ensemble's VAE stage: whole or tiled decodes through the engines, on both targets.
+        (repo / VAE_DECODER / "1").mkdir(parents=True)
+        shutil.copy2(templates / VAE_DECODER / "1" / "model.py", repo / VAE_DECODER / "1" / "model.py")
+        shutil.copy2(templates / TRITON_GLUE, repo / VAE_DECODER / "1" / TRITON_GLUE)
+        vae_settings.save(repo / VAE_DECODER / "1")
+        progress.log(f"{VAE_DECODER}/1/vae_decode.json: {json.dumps(vae_settings.to_dict())}")
+        manifest["stages"][VAE_DECODER] = {"decode_settings": vae_settings.to_dict()}
         (repo / ENSEMBLE / "1").mkdir(parents=True)
         # Loaded only by the supervisor, while some part of the server is broken.
         shutil.copytree(templates / GATE, repo / GATE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -590,10 +687,25 @@ def _build(
         generated = "Generated by `python -m build_engines` from model_repository/{name}/config.pbtxt."
         platform = "tensorrt_plan" if args.target == "gpu" else None
         kind = "KIND_GPU" if args.target == "gpu" else "KIND_CPU"
+        engine_batch = {
+            VAE_WHOLE: 1,
+            VAE_TILE_STATISTICS: vae_settings.tiles_per_call,
+            VAE_TILES: vae_settings.tiles_per_call,
+        }
         for name in ONNX_STAGES:
             spec = modules[name][1]
-            msg = stage_config(load_template(templates, name), spec, max_batch, platform, kind)
+            msg = stage_config(
+                load_template(templates, name), spec, engine_batch.get(name, max_batch), platform, kind
+            )
             write_config(repo / name, msg, generated.format(name=name) + f"\nTarget: {args.target}.")
+        msg = stage_config(
+            load_template(templates, VAE_DECODER),
+            vae_decoder_spec(modules[VAE_WHOLE][1].inputs[0].dims[0]),
+            max_batch,
+            None,
+            "KIND_CPU",
+        )
+        write_config(repo / VAE_DECODER, msg, generated.format(name=VAE_DECODER))
         msg = stage_config(
             load_template(templates, TOKENIZER),
             tokenizer_spec(tokenizers.max_length),

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distrifusion.export import TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, StageSpec
+from distrifusion.export import TEXT_ENCODER, TEXT_ENCODER_2, VAE_ENGINES, VAE_WHOLE, StageSpec
 
 PLAN_NAME = "model.plan"
 SIDECAR_NAME = "model.plan.json"
@@ -90,24 +90,35 @@ def encoder_profile(spec: StageSpec, batch_sizes: Sequence[int]) -> Profile:
     )
 
 
-def vae_profile(
-    spec: StageSpec, batch_sizes: Sequence[int], resolutions: Sequence[tuple[int, int]], scale_factor: int
+def vae_engine_profile(
+    spec: StageSpec, settings: Any, requests: Any, resolutions: Sequence[tuple[int, int]]
 ) -> Profile:
-    """``resolutions`` are (width, height) in pixels; latents are ``scale_factor`` times smaller."""
-    (tensor,) = spec.inputs
-    channels = tensor.dims[0]
-    heights = [h // scale_factor for _, h in resolutions]
-    widths = [w // scale_factor for w, _ in resolutions]
-    opt_w, opt_h = resolutions[0]
-    return Profile(
-        {
-            tensor.name: (
-                (1, channels, min(heights), min(widths)),
-                (min(batch_sizes), channels, opt_h // scale_factor, opt_w // scale_factor),
-                (max(batch_sizes), channels, max(heights), max(widths)),
+    """The profile of one VAE engine (:class:`~distrifusion.vae.decode.DecodeSettings`): the whole
+    engine takes one latent from the smallest accepted size up to the largest that decodes whole
+    (opt: the first of ``resolutions``, (width, height) px); the tile engines take up to
+    ``tiles_per_call`` tiles up to a tile's size. Inputs of fixed dims (GroupNorm statistics) keep them."""
+    scale = settings.footprint.scale_factor
+    smallest = (requests.min_height // scale or 1, requests.min_width // scale or 1)
+    if spec.name == VAE_WHOLE:
+        largest = settings.whole_max_latent
+        opt_w, opt_h = resolutions[0]
+        opt = (min(opt_h // scale, largest[0]), min(opt_w // scale, largest[1]))
+        batches = (1, 1, 1)
+    else:
+        largest = (settings.tile, settings.tile)
+        opt = largest
+        batches = (1, settings.tiles_per_call, settings.tiles_per_call)
+    smallest = (min(smallest[0], largest[0]), min(smallest[1], largest[1]))
+    shapes = {}
+    for tensor in spec.inputs:
+        if tensor.dims[-2:] == (-1, -1):
+            sizes = (smallest, opt, largest)
+            shapes[tensor.name] = tuple(
+                (batch, *tensor.dims[:-2], *size) for batch, size in zip(batches, sizes, strict=True)
             )
-        }
-    )
+        else:
+            shapes[tensor.name] = tuple((batch, *tensor.dims) for batch in batches)
+    return Profile(shapes)
 
 
 def sha256(path: Path) -> str:
@@ -196,6 +207,6 @@ def stage_precision(stage: str) -> bool:
     """True for fp16 engines (the text encoders), False for fp32+TF32 (the VAE decoder)."""
     if stage in (TEXT_ENCODER, TEXT_ENCODER_2):
         return True
-    if stage == VAE_DECODER:
+    if stage in VAE_ENGINES:
         return False
     raise KeyError(stage)

@@ -12,12 +12,16 @@ if [ ! -f "$model_dir/model_index.json" ]; then
   .venv/bin/distrifusion-tiny-model "$model_dir" --arch sdxl --seed 0 >/dev/null
 fi
 # The repository holds copies of the templates: rebuild when they or the builder change.
-stamp_value=$(find model_repository build_engines -type f \( -name '*.py' -o -name '*.pbtxt' \) \
+# Images over 1024 x 1024 decode in tiles of 512 x 512: ONNX Runtime's whole decode holds the VAE
+# attention's full score matrix (1 GiB at 1024 x 1024, 17 GiB at 2048 x 2048 for this model).
+stamp_value=$(find model_repository build_engines backend/distrifusion/export backend/distrifusion/vae \
+  -type f \( -name '*.py' -o -name '*.pbtxt' \) \
   -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
 stamp_file=$repository/.build-stamp
 if [ ! -f "$repository/sdxl/config.pbtxt" ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   echo "[prepare] building the CPU model repository in $repository" >&2
   HF_HUB_OFFLINE=1 .venv/bin/python -m build_engines --model "$model_dir" --output "$repository" \
-    --target cpu --unet-ranks 2 --max-resolution 1024x1024 --warmup-resolutions 512x512 --force
+    --target cpu --unet-ranks 2 --max-resolution 3072x3072 --warmup-resolutions 512x512 \
+    --vae-tile-above 1024x1024 --vae-tile 512 --force
   echo "$stamp_value" >"$stamp_file"
 fi

@@ -31,10 +31,12 @@ export LD_LIBRARY_PATH="$python_libdir:$site/nvidia_pytriton.libs:${LD_LIBRARY_P
 export HF_HUB_OFFLINE=1
 # Under the supervisor (distrifusion.serving.supervisor), as in the production image: it reloads
 # dead Python-backend stubs and holds readiness false while any part is broken, which needs the
-# model-control API (explicit mode; the ensemble loads its composing models).
+# model-control API (explicit mode; the ensemble loads its composing models, and the VAE engines
+# that its vae_decoder stage calls through BLS are named here).
 exec "$venv/bin/python" -m distrifusion.serving.supervisor -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
   --model-control-mode=explicit --load-model=sdxl \
+  --load-model=vae_decoder_whole --load-model=vae_decoder_tile_statistics --load-model=vae_decoder_tiles \
   --backend-directory="$(realpath "$server/backends")" \
   --http-port="${HTTP_PORT:-8000}" --grpc-port="${GRPC_PORT:-8001}" --metrics-port="${METRICS_PORT:-8002}" \
   --allow-metrics=true \

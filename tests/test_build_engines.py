@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -36,6 +37,10 @@ from distrifusion.export import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     VAE_DECODER,
+    VAE_ENGINES,
+    VAE_TILE_STATISTICS,
+    VAE_TILES,
+    VAE_WHOLE,
     VaeDecoderExport,
     check_stage,
     export_stage,
@@ -45,14 +50,17 @@ from distrifusion.export import (
     text_encoder_cases,
     vae_decoder_cases,
 )
-from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, StageConfig
+from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, RequestSettings, StageConfig
 from distrifusion.serving.tokenize import MAX_TEXT_BYTES, SDXLTokenizers, TokenizeError
+from distrifusion.vae.decode import DecodeSettings
+from distrifusion.vae.export import tile_decoder_spec, tile_statistics_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 BOS, EOS = 49406, 49407
 SERVING_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
-EXPECTED_MODELS = SERVING_MODELS | {"readiness_gate"}  # the supervisor's, not part of the ensemble
+# The VAE stage's engines (called through BLS) and the supervisor's gate: not the ensemble's steps.
+EXPECTED_MODELS = SERVING_MODELS | set(VAE_ENGINES) | {"readiness_gate"}
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +83,13 @@ def exported(pipe, tmp_path_factory: pytest.TempPathFactory) -> dict:
         {TEXT_ENCODER: pipe.text_encoder, TEXT_ENCODER_2: pipe.text_encoder_2, VAE_DECODER: pipe.vae}
     )
     ids = np.tile(np.array([BOS, 320, 1929, EOS] + [EOS] * 73, dtype=np.int32), (2, 1))
-    examples = {
-        TEXT_ENCODER: {"input_ids": ids},
-        TEXT_ENCODER_2: {"input_ids": ids},
-        VAE_DECODER: vae_decoder_cases(4, [(2, 8, 8)])[0],
-    }
     result = {}
     for name, (module, spec) in modules.items():
-        exported_stage = export_stage(module, spec, out / name / "model.onnx", examples[name])
+        if name in VAE_ENGINES:
+            example = vae_decoder_cases(4, [(2, 8, 8)], module=module)[0]
+        else:
+            example = {"input_ids": ids}
+        exported_stage = export_stage(module, spec, out / name / "model.onnx", example)
         result[name] = (module, spec, exported_stage.path)
     return result
 
@@ -211,7 +218,7 @@ def test_text_encoders_match_pytorch_and_diffusers_encode_prompt(exported, pipe,
 
 
 def test_vae_decoder_gives_diffusers_decoded_and_postprocessed_pixels(exported, pipe) -> None:
-    module, spec, path = exported[VAE_DECODER]
+    module, spec, path = exported[VAE_WHOLE]
     session = ort_session(path)
     scaling = pipe.vae.config.scaling_factor
     assert scaling == pytest.approx(0.13025)
@@ -278,12 +285,16 @@ def _copy(config: ModelConfig) -> ModelConfig:
 
 def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
     assert {p.name for p in cpu_repo.iterdir() if p.is_dir()} == EXPECTED_MODELS
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
         assert {p.name for p in (cpu_repo / name / "1").iterdir()} == {
             "model.onnx",
             "model.py",
             "triton_glue.py",
         }
+    stage_files = {p.name for p in (cpu_repo / VAE_DECODER / "1").iterdir()}
+    assert stage_files == {"model.py", "triton_glue.py", "vae_decode.json"}
+    settings = DecodeSettings.load(cpu_repo / VAE_DECODER / "1")
+    assert settings.footprint.scale_factor == 8 and settings.element_limit is None  # ONNX Runtime
     tokenizer = cpu_repo / "tokenizer" / "1"
     assert (tokenizer / "model.py").is_file()
     assert (tokenizer / "tokenizer" / "tokenizer_config.json").is_file()
@@ -297,6 +308,9 @@ def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None
     assert configs["readiness_gate"].max_batch_size == 0
     for name in SERVING_MODELS:
         assert configs[name].max_batch_size == 3, name
+    assert configs[VAE_WHOLE].max_batch_size == 1  # the stage decodes one image per call
+    for name in (VAE_TILE_STATISTICS, VAE_TILES):
+        assert configs[name].max_batch_size == settings.tiles_per_call
     for name, config in configs.items():
         assert validate_config(config) == [], name
     # Triton's own schema, strictly (unknown fields or bad enum values raise).
@@ -349,7 +363,7 @@ def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path
     assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler"), True)
     assert configs["tokenizer"].input[0].name == "prompt" and configs["tokenizer"].input[0].optional
     assert check_ensemble(configs["sdxl"], configs) == []
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, "tokenizer"):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, *VAE_ENGINES, "tokenizer"):
         assert configs[name].backend == "python" and not configs[name].platform
         assert "platform" not in (cpu_repo / name / "config.pbtxt").read_text()
 
@@ -384,7 +398,8 @@ def test_unet_stage_gets_its_settings_file_and_a_diffusers_directory(cpu_repo: P
 def test_manifest_records_the_checks(cpu_repo: Path) -> None:
     manifest = json.loads((cpu_repo / "build_manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["max_batch_size"] == 3
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER):
+    assert manifest["stages"][VAE_DECODER]["decode_settings"]["tile"] == 128  # the VAE's sample_size / 8
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
         check = manifest["stages"][name]["onnx_check"]
         assert all(err <= check["limit"][out] for out, err in check["max_abs_error"].items())
     assert manifest["stages"]["unet"]["stage_config"]["placement"] == {"ranks": 2, "threads_per_rank": 1}
@@ -419,12 +434,17 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
     specs = {
         TEXT_ENCODER: text_encoder_spec(77, 768),
         TEXT_ENCODER_2: text_encoder_2_spec(77, 1280, 1280),
-        VAE_DECODER: vae_decoder_spec(4),
+        VAE_WHOLE: vae_decoder_spec(4, VAE_WHOLE),
+        VAE_TILE_STATISTICS: tile_statistics_spec(4, 30, 32),
+        VAE_TILES: tile_decoder_spec(4, 30, 32),
     }
     configs = {
         name: stage_config(load_template(TEMPLATES_DIR, name), spec, 4, "tensorrt_plan", "KIND_GPU")
         for name, spec in specs.items()
     }
+    configs[VAE_DECODER] = stage_config(
+        load_template(TEMPLATES_DIR, VAE_DECODER), vae_decoder_spec(4), 4, None, "KIND_CPU"
+    )
     configs["tokenizer"] = stage_config(
         load_template(TEMPLATES_DIR, "tokenizer"), tokenizer_spec(77), 4, None, "KIND_CPU"
     )
@@ -445,9 +465,21 @@ def test_tensorrt_profiles_span_the_requested_batches_and_sizes() -> None:
 
     profile = trt_build.encoder_profile(text_encoder_spec(77, 768), [1, 2, 4])
     assert profile.shapes == {"input_ids": ((1, 77), (1, 77), (4, 77))}
-    profile = trt_build.vae_profile(vae_decoder_spec(4), [1, 2], [(1024, 1024), (2048, 1536)], 8)
-    assert profile.shapes == {"latents": ((1, 4, 128, 128), (1, 4, 128, 128), (2, 4, 192, 256))}
-    assert trt_build.stage_precision(TEXT_ENCODER) and not trt_build.stage_precision(VAE_DECODER)
+    sdxl_vae = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32}
+    settings = dataclasses.replace(
+        DecodeSettings.derive(sdxl_vae, 16 * 2**30, tensorrt=True), whole_max_latent=(192, 200)
+    )
+    requests = RequestSettings(min_width=512, min_height=512, max_width=4096, max_height=4096)
+    sizes = [(1024, 1024), (2048, 1536)]
+    profile = trt_build.vae_engine_profile(vae_decoder_spec(4, VAE_WHOLE), settings, requests, sizes)
+    assert profile.shapes == {"latents": ((1, 4, 64, 64), (1, 4, 128, 128), (1, 4, 192, 200))}
+    tiles = settings.tiles_per_call
+    profile = trt_build.vae_engine_profile(tile_decoder_spec(4, 30, 32), settings, requests, sizes)
+    assert profile.shapes == {
+        "latents": ((1, 4, 64, 64), (tiles, 4, 128, 128), (tiles, 4, 128, 128)),
+        "statistics": ((1, 30, 32, 3), (tiles, 30, 32, 3), (tiles, 30, 32, 3)),
+    }
+    assert trt_build.stage_precision(TEXT_ENCODER) and not trt_build.stage_precision(VAE_WHOLE)
 
 
 def _gpu_stage(*flags: str, resolutions: str = "1024x1024,2048x1536", gpus: int = 4) -> StageConfig:

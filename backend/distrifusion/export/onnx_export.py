@@ -29,6 +29,9 @@ from .specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     VAE_DECODER,
+    VAE_TILE_STATISTICS,
+    VAE_TILES,
+    VAE_WHOLE,
     StageSpec,
     text_encoder_2_spec,
     text_encoder_spec,
@@ -117,9 +120,13 @@ def stage_modules(components: Mapping[str, nn.Module]) -> dict[str, tuple[nn.Mod
     ``components`` maps ``text_encoder``, ``text_encoder_2`` and ``vae_decoder`` to the diffusers
     modules (a pipeline's ``text_encoder``, ``text_encoder_2`` and ``vae``).
     """
+    from ..vae.export import TileDecoderExport, TileStatisticsExport  # imports this package
+
     te1 = TextEncoderExport(components[TEXT_ENCODER], with_projection=False)
     te2 = TextEncoderExport(components[TEXT_ENCODER_2], with_projection=True)
     vae = VaeDecoderExport(components[VAE_DECODER])
+    statistics = TileStatisticsExport(components[VAE_DECODER])
+    tiles = TileDecoderExport(components[VAE_DECODER])
     if te1.max_length != te2.max_length:
         raise ExportError(f"the text encoders take {te1.max_length} and {te2.max_length} tokens")
     return {
@@ -128,7 +135,9 @@ def stage_modules(components: Mapping[str, nn.Module]) -> dict[str, tuple[nn.Mod
             te2.eval(),
             text_encoder_2_spec(te2.max_length, te2.hidden_size, te2.projection_dim),
         ),
-        VAE_DECODER: (vae.eval(), vae_decoder_spec(vae.latent_channels)),
+        VAE_WHOLE: (vae.eval(), vae_decoder_spec(vae.latent_channels, VAE_WHOLE)),
+        VAE_TILE_STATISTICS: (statistics.eval(), statistics.spec()),
+        VAE_TILES: (tiles.eval(), tiles.spec()),
     }
 
 
@@ -327,11 +336,18 @@ def text_encoder_cases(input_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
 
 
 def vae_decoder_cases(
-    latent_channels: int, sizes: Sequence[tuple[int, int, int]], seed: int = 0
+    latent_channels: int,
+    sizes: Sequence[tuple[int, int, int]],
+    seed: int = 0,
+    module: nn.Module | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Random latents ``(batch, h, w)`` per case, at the scale of real final latents."""
+    """Random latents ``(batch, h, w)`` per case, at the scale of real final latents, and for a tile
+    engine (``module``) the other inputs it takes."""
     rng = np.random.default_rng(seed)
     # Real final latents are the scaled VAE latents: roughly unit variance.
-    return [
+    cases = [
         {"latents": rng.standard_normal((b, latent_channels, h, w)).astype(np.float32)} for b, h, w in sizes
     ]
+    if module is None or not hasattr(module, "example_inputs"):
+        return cases
+    return [module.example_inputs(case["latents"], seed + index) for index, case in enumerate(cases)]

@@ -14,7 +14,12 @@ import numpy as np
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 VAE_DECODER = "vae_decoder"
-ONNX_STAGES = (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER)
+"""The ensemble's VAE stage (a Python model on both targets) that calls the three VAE engines."""
+VAE_WHOLE = "vae_decoder_whole"
+VAE_TILE_STATISTICS = "vae_decoder_tile_statistics"
+VAE_TILES = "vae_decoder_tiles"
+VAE_ENGINES = (VAE_WHOLE, VAE_TILE_STATISTICS, VAE_TILES)
+ONNX_STAGES = (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +77,11 @@ def text_encoder_2_spec(max_length: int, hidden_size: int, projection_dim: int) 
     )
 
 
-def vae_decoder_spec(latent_channels: int) -> StageSpec:
-    """``vae_decoder``: raw final latents ``[C, h, w]`` -> uint8 image ``[8h, 8w, 3]`` (NHWC)."""
+def vae_decoder_spec(latent_channels: int, name: str = VAE_DECODER) -> StageSpec:
+    """``vae_decoder`` (and ``vae_decoder_whole``): raw final latents ``[C, h, w]`` -> uint8 image
+    ``[8h, 8w, 3]`` (NHWC)."""
     return StageSpec(
-        VAE_DECODER,
+        name,
         inputs=(TensorSpec("latents", "float32", (latent_channels, -1, -1)),),
         outputs=(TensorSpec("image", "uint8", (-1, -1, 3)),),
     )

@@ -1,0 +1,46 @@
+"""The whole ensemble at size, over gRPC on the CPU server (the tiny model, 2 UNet ranks): the CPU
+repository (scripts/cpu_repository.sh) decodes images of more than 1024 x 1024 pixels in tiles
+(--vae-tile-above), so both requests here take the tiled path, and the client writes them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from distrifusion.serving.cpu_server import CpuServer, metric_total, scrape_metrics, shared_cpu_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuServer:
+    # Shared with test_perf_analyzer and test_soak (which runs last and stops it).
+    return shared_cpu_server(tmp_path_factory.mktemp("serving") / "server.log", request.config.add_cleanup)
+
+
+@pytest.mark.parametrize(("width", "height"), [(2048, 2048), (3072, 1024)])
+def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
+    server, width, height, tmp_path
+) -> None:
+    before = scrape_metrics(server.metrics)
+    command = [sys.executable, "-m", "clients.sdxl_client", "--url", server.grpc, "--prompt", "a red fox",
+               "--seed", "3", "--width", str(width), "--height", str(height), "--steps", "2",
+               "--output-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (path,) = json.loads(done.stdout)["images"]
+    with Image.open(path) as image:
+        assert (image.size, image.mode) == ((width, height), "RGB")
+    after = scrape_metrics(server.metrics)
+
+    def added(path: str) -> float:
+        return metric_total(after, "distrifusion_vae_decodes_total", path=path) - metric_total(
+            before, "distrifusion_vae_decodes_total", path=path
+        )
+
+    assert (added("tiled"), added("whole")) == (1, 0)
+    assert f"vae_decoder: {width}x{height} decoded in " in server.log_tail(200_000)
