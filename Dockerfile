@@ -55,7 +55,7 @@ ENV HOME=/tmp \
     TRANSFORMERS_OFFLINE=1 \
     TRITON_CACHE_DIR=/tmp/.triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
-    CUDA_MEMORY_POOL_BYTE_SIZE=536870912
+    CUDA_MEMORY_POOL_BYTE_SIZE=1073741824
 
 # --- engine-builder: + the TensorRT Python API of the same TensorRT version as the server ------
 # Runs `python3 -m build_engines --target gpu` in the engine-build Job (deploy/components/
@@ -131,7 +131,7 @@ CMD ["tritonserver", \
      "--allow-metrics=true", \
      "--allow-gpu-metrics=false", \
      "--allow-cpu-metrics=true", \
-     "--exit-timeout-secs=330", \
+     "--exit-timeout-secs=930", \
      "--backend-config=python,shm-default-byte-size=16777216", \
      "--backend-config=python,shm-growth-byte-size=67108864"]
 
@@ -140,13 +140,13 @@ CMD ["tritonserver", \
 # built once per GPU model and TensorRT version by the engine-build Job, never at start-up.
 # Flags: the ensemble and the VAE engines its vae_decoder stage calls (BLS: explicit model control
 # loads an ensemble's own steps only); ports 8000 (HTTP) 8001 (gRPC) 8002 (metrics), metrics on
-# (GPU + CPU); exit timeout 330 s,
-# longer than the longest request (300 s, README); pinned host memory 1 GiB for the CPU<->GPU
-# copies around the Python UNet stage; Python-backend shared memory in /dev/shm starting at 16 MiB
-# per stub and growing by 64 MiB (a 4 x 2048 x 2048 uint8 image batch is 48 MiB). The entrypoint
-# adds --cuda-memory-pool-byte-size=<gpu>:$CUDA_MEMORY_POOL_BYTE_SIZE for each visible GPU: 512 MiB
-# holds the GPU tensors between stages (text embeddings, latents, images: about 60 MiB per batch of
-# four 2048 x 2048 requests) of 8 batches in flight, where Triton's default is 64 MiB.
+# (GPU + CPU); exit timeout 930 s, longer than the longest request (900 s at the largest build,
+# 4096 x 4096: README "Values"); pinned host memory 1 GiB for the CPU<->GPU copies around the
+# Python stages; Python-backend shared memory in /dev/shm starting at 16 MiB per stub and growing
+# by 64 MiB (a 4 x 4096 x 4096 uint8 image batch is 192 MiB). The entrypoint adds
+# --cuda-memory-pool-byte-size=<gpu>:$CUDA_MEMORY_POOL_BYTE_SIZE for each visible GPU: 1 GiB holds
+# the GPU tensors between stages (text embeddings, latents, images: about 210 MiB per batch of four
+# 4096 x 4096 requests) of 4 batches in flight, where Triton's default is 64 MiB.
 FROM base AS server
 VOLUME ["/models/repository"]
 EXPOSE 8000 8001 8002
@@ -171,7 +171,7 @@ CMD ["tritonserver", \
      "--allow-metrics=true", \
      "--allow-gpu-metrics=true", \
      "--allow-cpu-metrics=true", \
-     "--exit-timeout-secs=330", \
+     "--exit-timeout-secs=930", \
      "--pinned-memory-pool-byte-size=1073741824", \
      "--backend-config=python,shm-default-byte-size=16777216", \
      "--backend-config=python,shm-growth-byte-size=67108864"]

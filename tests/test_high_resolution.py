@@ -28,7 +28,7 @@ def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
 ) -> None:
     before = scrape_metrics(server.metrics)
     command = [sys.executable, "-m", "clients.sdxl_client", "--url", server.grpc, "--prompt", "a red fox",
-               "--seed", "3", "--width", str(width), "--height", str(height), "--steps", "2",
+               "--seed", "3", "--width", str(width), "--height", str(height), "--steps", "1",
                "--output-dir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -94,7 +94,6 @@ EXACT_CASES = {
 # threads already differs by ~1.4e-5. DDIM is held to that floor instead of 1e-5.
 DDIM_CASES = {
     2: [("sdxl ddim", "sdxl", full_sync(), call(scheduler="ddim"))],
-    4: [("sdxl cfg split 2x2 ddim", "sdxl", full_sync(split_batch=True), call(scheduler="ddim"))],
 }
 
 
@@ -109,7 +108,8 @@ def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
     for mode in ASYNC_MODES:
         config = {"mode": mode, "warmup_steps": 1}
         cases.append((f"{mode} small", "sdxl", config, call(height=smallest, width=64, steps=5)))
-        cases.append((f"{mode} large", "sdxl", config, call(height=384, width=512, steps=3)))
+        if world == 2:  # thin bands are the 4-rank risk, and the small case has them
+            cases.append((f"{mode} large", "sdxl", config, call(height=384, width=512, steps=3)))
     corrected = {"mode": "corrected_async_gn", "warmup_steps": 2}
     cases += [
         ("corrected_async_gn image", "sdxl", corrected, IMAGE_CALL),
@@ -201,7 +201,7 @@ def test_ddim_full_sync_is_within_fp32_noise_of_the_single_process_pipeline(
 ) -> None:
     world, outputs = world_outputs
     if world not in DDIM_CASES:
-        pytest.skip("DDIM is checked on 2 and 4 ranks")
+        pytest.skip("DDIM is checked on 2 ranks")
     for label, model, _, request in DDIM_CASES[world]:
         error = relative_error(outputs[label], references[repr((model, request))])
         assert error <= max(1e-5, 2 * ddim_noise_floor), (
@@ -214,7 +214,7 @@ def test_async_modes_are_finite_at_small_and_large_sizes(world_outputs) -> None:
     if world == 3:
         pytest.skip("async modes are checked on 2 and 4 ranks")
     for mode in ASYNC_MODES:
-        for size in ("small", "large"):
+        for size in ("small", "large") if world == 2 else ("small",):
             latents = outputs[f"{mode} {size}"]
             assert torch.isfinite(latents).all(), f"{world} ranks, {mode} {size}: non-finite latents"
             assert latents.abs().max() > 0, f"{world} ranks, {mode} {size}: all-zero latents"

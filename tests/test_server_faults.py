@@ -190,10 +190,9 @@ def test_a_worker_killed_during_a_request_fails_only_that_request(server) -> Non
         assert isinstance(results[f"queued {n}"], dict), results[f"queued {n}"]  # served after the rebuild
 
 
-@pytest.mark.parametrize("rank", [1, 0])
-def test_a_rank_that_raises_fails_the_request_and_the_next_equals_a_clean_run(
-    server, clean_image, rank
-) -> None:
+def test_a_rank_0_that_raises_fails_the_request_and_the_next_equals_a_clean_run(server, clean_image) -> None:
+    """Rank 0, the harder case (the stub itself); tests/test_group_faults.py raises on either rank."""
+    rank = 0
     server.faults.write_text(json.dumps({"raise": [{"rank": rank, "step": 1}]}))
     with pytest.raises(
         InferenceServerException, match=f"rank {rank} \\(cpu\\) raised RuntimeError: injected"
@@ -240,9 +239,9 @@ def test_a_killed_stub_is_replaced_and_the_stage_serves_again(server, model) -> 
 
 def test_a_minute_of_load_with_a_worker_killed(server) -> None:
     """The chaos soak's short version (benchmarks/chaos_soak.py runs 10 minutes with a kill a minute):
-    concurrency 4, one worker SIGKILLed after 30 s; every request is accounted for."""
+    concurrency 4, one worker SIGKILLed after 25 s; every request is accounted for."""
     requests = [r for r in load_requests() if r["height"] * r["width"] <= 512 * 512]
-    report = chaos_soak(server, seconds=60, concurrency=4, kill_every_s=30, requests=requests)
+    report = chaos_soak(server, seconds=50, concurrency=4, kill_every_s=25, requests=requests)
     print({key: value for key, value in report.items() if key != "rss_mib"})
     assert report["other"] == 0, report["other_errors"]
     assert report["sent"] == report["succeeded"] + report["documented"] and report["succeeded"] > 0

@@ -29,7 +29,7 @@ python3 "$here/repository_key.py" check "$repository" >&2
 pool_flags=()
 gpus=$(python3 "$here/repository_key.py" gpu-count)
 for ((gpu = 0; gpu < gpus; gpu++)); do
-  pool_flags+=("--cuda-memory-pool-byte-size=${gpu}:${CUDA_MEMORY_POOL_BYTE_SIZE:-536870912}")
+  pool_flags+=("--cuda-memory-pool-byte-size=${gpu}:${CUDA_MEMORY_POOL_BYTE_SIZE:-1073741824}")
 done
 echo "entrypoint: ${gpus} GPU(s); starting $*${pool_flags[*]:+ ${pool_flags[*]}} under the supervisor" >&2
 # The supervisor (distrifusion.serving.supervisor) runs tritonserver as its child, reloads dead
