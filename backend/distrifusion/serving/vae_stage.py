@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..vae.decode import DecodeRecord, DecodeSettings, DecodeTooLarge, Engine, VaeDecoder
+from ..vae.decode import DecodeRecord, DecodeSettings, Engine, VaeDecoder
 from .metrics import MetricSpec, Observation
 
 PATHS = ("whole", "tiled")
@@ -37,10 +37,6 @@ class VaeStage:
 
     def decode(self, latents: np.ndarray) -> tuple[np.ndarray, list[DecodeRecord]]:
         """Raises :class:`DecodeTooLarge` (before any work) for a size beyond the stage's budget."""
-        if latents.ndim != 4:
-            raise DecodeTooLarge(
-                f"vae_decoder: latents must be [batch, channels, height, width], got {list(latents.shape)}"
-            )
         self.decoder.settings.check(*latents.shape[-2:])
         images, records = [], []
         for image_latents in torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)):

@@ -47,17 +47,9 @@ class _SharedNormDecoder(nn.Module):
         self.decode(latents)
         return torch.stack(self.norm_pass.recorded, dim=1)
 
-    def example_inputs(self, latents: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-        """Inputs of plausible values for ``latents`` (for the export and its check)."""
-        rng = np.random.default_rng(seed)
-        weights = rng.uniform(0.1, 1.0, (latents.shape[0], 1, *latents.shape[2:])).astype(np.float32)
-        if isinstance(self, TileStatisticsExport):
-            return {"latents": latents, "weights": weights}
-        with torch.no_grad():
-            sums = self.record(torch.from_numpy(latents), torch.from_numpy(weights))
-        statistics = image_statistics(sums, share=float(rng.uniform(0, 1)))
-        tiles = statistics[None].expand(latents.shape[0], -1, -1, -1).contiguous().numpy()
-        return {"latents": latents, "statistics": tiles}
+    @staticmethod
+    def example_weights(latents: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(0.1, 1.0, (latents.shape[0], 1, *latents.shape[2:])).astype(np.float32)
 
 
 def tile_statistics_spec(latent_channels: int, layers: int, groups: int) -> StageSpec:
@@ -86,6 +78,10 @@ class TileStatisticsExport(_SharedNormDecoder):
     def forward(self, latents: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.record(latents, weights)
 
+    def example_inputs(self, latents: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """Inputs of plausible values for ``latents`` (for the export and its check)."""
+        return {"latents": latents, "weights": self.example_weights(latents, np.random.default_rng(seed))}
+
     def spec(self) -> StageSpec:
         return tile_statistics_spec(self.latent_channels, self.layers, self.groups)
 
@@ -95,6 +91,19 @@ class TileDecoderExport(_SharedNormDecoder):
         self.norm_pass.start(None, statistics)
         image = self.decode(latents)
         return ((image / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1)
+
+    def example_inputs(self, latents: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """Inputs of plausible values for ``latents``: the statistics its own record pass gives."""
+        rng = np.random.default_rng(seed)
+        with torch.no_grad():
+            sums = self.record(
+                torch.from_numpy(latents), torch.from_numpy(self.example_weights(latents, rng))
+            )
+        statistics = image_statistics(sums, share=float(rng.uniform(0, 1)))
+        return {
+            "latents": latents,
+            "statistics": statistics[None].expand(latents.shape[0], -1, -1, -1).numpy(),
+        }
 
     def spec(self) -> StageSpec:
         return tile_decoder_spec(self.latent_channels, self.layers, self.groups)
