@@ -21,8 +21,9 @@ INT32_ELEMENTS = 2**31 - 1
 
 LIVE_ACTIVATIONS = 3
 """Activations of the largest size alive at once in a decode: a resnet's input (kept for the
-skip), its normalised input and its convolution's output. Checked against ONNX Runtime's peak
-resident memory in tests/test_vae_tiling.py."""
+skip), its normalised input and its convolution's output. A lower bound: ONNX Runtime's measured
+peaks are 1.7x (whole decode) to 4.4x (the tile-statistics pass) this estimate (BENCHMARKS.md,
+"High resolution"); not yet calibrated."""
 
 
 @dataclasses.dataclass(frozen=True)
