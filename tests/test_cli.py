@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from distrifusion.cli.generate import main
 
 GENERATE = [sys.executable, "-m", "distrifusion.cli.generate"]
 
@@ -51,16 +54,34 @@ def test_self_started_ranks_and_torchrun_write_the_same_outputs(tiny_sdxl_dir: P
     np.testing.assert_array_equal(np.load(tmp_path / "torchrun" / "latents.npy"), latents)
 
 
+ODD_SPLIT = "split_batch: needs an even number of ranks (half per guidance branch), got 3"
+
+
 def test_invalid_configurations_exit_with_a_named_error(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    # All of stderr is the one error line: it came before any rank started or any model loaded
+    # (a rank prints its traceback, "raised on rank ...", and the model's loading progress there).
     odd = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--ranks", "3", "--split-batch")])
     assert odd.returncode == 2
-    assert "split_batch: needs an even number of ranks" in odd.stderr
+    assert odd.stderr.splitlines() == [f"error: {ODD_SPLIT}"]
 
     too_small = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--ranks", "4", "--height", "64")])
     assert too_small.returncode == 2
-    assert "smallest valid height for 4 bands is 128 pixels" in too_small.stderr
+    (line,) = too_small.stderr.splitlines()
+    assert line.startswith("error: height: ") and "smallest valid height for 4 bands is 128 pixels" in line
     assert not (tmp_path / "latents.npy").exists()
 
     graphs_on_cpu = run([*GENERATE, *arguments(tiny_sdxl_dir, tmp_path, "--cuda-graphs")])
     assert graphs_on_cpu.returncode == 2
-    assert "cuda_graphs: CUDA graphs need device='cuda'" in graphs_on_cpu.stderr
+    assert graphs_on_cpu.stderr.splitlines() == ["error: cuda_graphs: CUDA graphs need device='cuda'"]
+
+
+def test_under_torchrun_the_checks_count_torchruns_ranks(
+    tiny_sdxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # What torchrun sets for each rank (--ranks keeps its default of 1); the check fails before
+    # init_from_environment would connect.
+    torchrun = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert main(arguments(tiny_sdxl_dir, tmp_path, "--split-batch")) == 2
+    assert ODD_SPLIT in capsys.readouterr().err

@@ -11,7 +11,7 @@ from torch import nn
 
 from distrifusion.config import ConfigError, DistriConfig, Mode
 from distrifusion.context import PatchContext
-from distrifusion.geometry import BandLayout
+from distrifusion.geometry import BandLayout, ModelGeometry
 from distrifusion.ops import PatchGroupNorm
 from distrifusion.ops.group_norm import corrected_moments, local_moments, merge_moments
 from distrifusion.pipeline import DistriPipeline
@@ -119,6 +119,14 @@ def test_corrected_group_norm_never_uses_a_negative_variance() -> None:
 @pytest.fixture(scope="module")
 def single_rank_pipeline(tiny_sdxl_dir: Path) -> DistriPipeline:
     return DistriPipeline.from_pretrained(tiny_sdxl_dir, DistriConfig())
+
+
+def test_the_geometry_read_from_the_configs_is_the_loaded_pipelines(
+    tiny_sdxl_dir: Path, single_rank_pipeline: DistriPipeline
+) -> None:
+    # distrifusion-generate checks sizes with the configs alone, before any rank loads the model.
+    assert ModelGeometry.read(tiny_sdxl_dir) == single_rank_pipeline.geometry
+    assert single_rank_pipeline.geometry.default_size == 1024
 
 
 @pytest.mark.parametrize(

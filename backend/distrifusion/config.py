@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import torch
 
@@ -28,6 +29,8 @@ class Mode(enum.StrEnum):
     """Baseline: bands never interact (zero padding at band edges, local attention and statistics)."""
 
 
+MAX_INFERENCE_STEPS = 1000
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,6 +40,16 @@ def _is_integer(value: object) -> bool:
 
 class ConfigError(ValueError):
     """A configuration or request that cannot run; the message names the field and what is allowed."""
+
+
+def check_sampling(num_inference_steps: int, guidance_scale: float) -> None:
+    """Raises ConfigError when a request's step count or guidance scale cannot run on any model."""
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+        raise ConfigError(
+            f"num_inference_steps: must be an integer from 1 to {MAX_INFERENCE_STEPS}, got {num_inference_steps!r}"
+        )
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ConfigError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
 
 
 @dataclasses.dataclass(frozen=True)

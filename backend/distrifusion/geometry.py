@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -83,3 +85,40 @@ class BandLayout:
             if self.band_height(band, level) * (self.width >> level) == tokens:
                 return level
         raise ValueError(f"no UNet level of band {band} holds {tokens} tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeometry:
+    """What a model's configs say about the image sizes it can run, and how they are cut into bands."""
+
+    levels: int
+    """Resolutions in the UNet (downsamplings + 1)."""
+    pixels_per_latent: int
+    """The VAE's scale factor."""
+    sample_size: int
+    """The UNet's default latent size."""
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelGeometry:
+        """From a diffusers model directory's unet/ and vae/ configs, without loading any weights."""
+        unet, vae = (json.loads((model_dir / part / "config.json").read_text()) for part in ("unet", "vae"))
+        return cls(
+            levels=len(unet["block_out_channels"]),
+            # diffusers' vae_scale_factor: one 2x upsampling per VAE level after the first
+            pixels_per_latent=2 ** (len(vae["block_out_channels"]) - 1),
+            sample_size=unet["sample_size"],
+        )
+
+    @property
+    def default_size(self) -> int:
+        """The image side in pixels when a request gives none."""
+        return self.sample_size * self.pixels_per_latent
+
+    def layout(self, height: int, width: int, num_bands: int) -> BandLayout:
+        """The bands of an image of ``height`` x ``width`` pixels; raises ConfigError naming the
+        first side that cannot be split into ``num_bands`` bands."""
+        scale = self.pixels_per_latent
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size <= 0 or size % scale:
+                raise ConfigError(f"{name}: must be a positive multiple of {scale} pixels, got {size!r}")
+        return BandLayout.split(height // scale, width // scale, num_bands, self.levels, scale)

@@ -7,7 +7,6 @@ scheduler run replicated, the UNet is split, and rank 0 decodes and returns the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +17,11 @@ import torch.distributed as dist
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from .config import ConfigError, DistriConfig
+from .config import DistriConfig, check_sampling
+from .geometry import ModelGeometry
 from .schedulers import make_scheduler
 from .topology import Topology
 from .unet import DistriUNet
-
-MAX_INFERENCE_STEPS = 1000
 
 
 @dataclasses.dataclass
@@ -52,6 +50,11 @@ class DistriPipeline:
     ) -> None:
         self.config = config
         self.pipe = pipe
+        self.geometry = ModelGeometry(
+            levels=len(pipe.unet.config.block_out_channels),
+            pixels_per_latent=pipe.vae_scale_factor,
+            sample_size=pipe.unet.config.sample_size,
+        )
         self.unet = DistriUNet(pipe.unet, config, topology, pixels_per_latent=pipe.vae_scale_factor)
         pipe.unet = self.unet
         self.model_scheduler = pipe.scheduler
@@ -77,20 +80,11 @@ class DistriPipeline:
         self, height: int, width: int, num_inference_steps: int, guidance_scale: float, scheduler: str | None
     ) -> None:
         """Raises ConfigError naming the first field this group cannot run."""
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
-            raise ConfigError(
-                f"num_inference_steps: must be an integer from 1 to {MAX_INFERENCE_STEPS}, got {num_inference_steps!r}"
-            )
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ConfigError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
+        check_sampling(num_inference_steps, guidance_scale)
         if scheduler is not None:
             make_scheduler(scheduler, self.model_scheduler.config)
-        scale = self.pipe.vae_scale_factor
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size <= 0 or size % scale:
-                raise ConfigError(f"{name}: must be a positive multiple of {scale} pixels, got {size!r}")
         splits = self.config.split_batch and self.unet.topology.can_split and guidance_scale > 1
-        self.unet.layout(height // scale, width // scale, splits)
+        self.geometry.layout(height, width, self.unet.topology.patch_group(splits).size)
 
     def __call__(
         self,
@@ -116,9 +110,8 @@ class DistriPipeline:
         remaining steps together. ``on_step(step)`` is called on every rank after every step (e.g.
         a watchdog's heartbeat). Other keyword arguments go to the diffusers pipeline unchanged.
         """
-        default_size = self.unet.config.sample_size * self.pipe.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
+        height = self.geometry.default_size if height is None else height
+        width = self.geometry.default_size if width is None else width
         self.validate(height, width, num_inference_steps, guidance_scale, scheduler)
         seed = self._agreed_seed(seed)
         self.pipe.scheduler = (

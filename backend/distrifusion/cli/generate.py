@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from ..config import DTYPES, ConfigError, DistriConfig, Mode
+from ..config import DTYPES, ConfigError, DistriConfig, Mode, check_sampling
+from ..geometry import ModelGeometry
 from ..launch import init_from_environment, spawn_local, under_torchrun
-from ..pipeline import DistriPipeline
 from ..schedulers import SCHEDULERS
 
 
@@ -47,9 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args: argparse.Namespace) -> dict | None:
-    """Runs on every rank; rank 0 writes the files and returns a summary."""
-    config = DistriConfig(
+def distri_config(args: argparse.Namespace) -> DistriConfig:
+    return DistriConfig(
         mode=args.mode,
         warmup_steps=args.warmup_steps,
         split_batch=args.split_batch,
@@ -57,7 +57,32 @@ def generate(args: argparse.Namespace) -> dict | None:
         device=args.device,
         cuda_graphs=args.cuda_graphs,
     )
-    pipeline = DistriPipeline.from_pretrained(args.model, config)
+
+
+def check(args: argparse.Namespace, world_size: int) -> None:
+    """Raises the ConfigError the ranks would raise for what the arguments and the model's configs
+    decide, before any rank starts: a wrong setting then fails in about 2 s here (importing torch),
+    not after the ranks have spawned and loaded the model (40 s for 4 ranks). A model that is not a
+    local directory (a hub id) gets its size checks from the ranks once they have loaded it."""
+    config = distri_config(args)
+    config.validate_world(world_size)
+    check_sampling(args.steps, args.guidance)
+    model = Path(args.model)
+    if model.is_dir():
+        geometry = ModelGeometry.read(model)
+        height = geometry.default_size if args.height is None else args.height
+        width = geometry.default_size if args.width is None else args.width
+        splits = config.split_batch and world_size > 1 and args.guidance > 1  # as the pipeline splits
+        geometry.layout(height, width, world_size // 2 if splits else world_size)
+
+
+def generate(args: argparse.Namespace) -> dict | None:
+    """Runs on every rank; rank 0 writes the files and returns a summary."""
+    # Imported here, on the ranks: diffusers takes seconds to import, and main() checks the
+    # arguments without it.
+    from ..pipeline import DistriPipeline
+
+    pipeline = DistriPipeline.from_pretrained(args.model, distri_config(args))
     negative = args.negative_prompt
     if negative is not None and len(negative) == 1:
         negative = negative * len(args.prompt)
@@ -89,9 +114,7 @@ def generate(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        DistriConfig(
-            mode=args.mode, split_batch=args.split_batch, device=args.device, cuda_graphs=args.cuda_graphs
-        ).validate_world(args.ranks)
+        check(args, int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.ranks)
         if under_torchrun():
             init_from_environment(args.device)
             summary = generate(args)
