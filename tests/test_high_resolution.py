@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuServer:
-    # Shared with test_perf_analyzer and test_soak (which runs last and stops it).
+    # Shared with test_perf_analyzer, test_soak and test_triton_server (whose last test stops it).
     return shared_cpu_server(tmp_path_factory.mktemp("serving") / "server.log", request.config.add_cleanup)
 
 

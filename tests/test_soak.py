@@ -4,8 +4,6 @@ grows its RSS past the bound after warm-up."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from benchmarks.harness import MIB
@@ -25,11 +23,10 @@ MAX_GROWTH_MIB = 32.0
 
 
 @pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CpuServer]:
-    log = tmp_path_factory.mktemp("serving") / "server.log"
-    server = shared_cpu_server(log, request.config.add_cleanup)
-    yield server
-    server.stop()  # the last module that uses it (test_perf_analyzer runs first)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuServer:
+    # Shared with test_high_resolution and test_perf_analyzer before, and test_triton_server after
+    # (whose last test stops it).
+    return shared_cpu_server(tmp_path_factory.mktemp("serving") / "server.log", request.config.add_cleanup)
 
 
 def _samples(series: dict[str, list[float]], every: float = 5.0) -> list[dict]:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,51 +16,28 @@ from tritonclient.utils import InferenceServerException
 
 from clients.sdxl_client import build_inputs, generate
 from distrifusion.launch import spawn_local
-from distrifusion.serving.cpu_server import CpuServer, metric_total, scrape_metrics
+from distrifusion.serving.cpu_server import (
+    CpuServer,
+    cpu_repository,
+    metric_total,
+    scrape_metrics,
+    shared_cpu_server,
+)
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[1]
-
 SMALL = {"height": 128, "width": 128, "num_inference_steps": 4}
-RANKS = 2
+RANKS = 2  # scripts/cpu_repository.sh's --unet-ranks
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("repository") / "model_repository"
-    command = [sys.executable, "-m", "build_engines", "--model", str(tiny_sdxl_dir), "--output", str(output)]
-    command += ["--target", "cpu", "--unet-ranks", str(RANKS), "--max-resolution", "512x512"]
-    subprocess.run(command, check=True, cwd=ROOT, timeout=600)
-    return output
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuServer:
+    # The CPU repository's server, shared with test_high_resolution, test_perf_analyzer and
+    # test_soak: a start costs 30-50 s here. This module runs after them and its last test stops it.
+    return shared_cpu_server(tmp_path_factory.mktemp("serving") / "server.log", request.config.add_cleanup)
 
 
-class Server(CpuServer):
-    """The CPU server the benchmarks use, stopped the way an orchestrator stops it."""
-
-    def __init__(self, repository: Path) -> None:
-        super().__init__(repository, repository.parent / "server.log")
-
-    def stop(self) -> set[int]:
-        """SIGTERM, as an orchestrator sends it; returns the processes left behind."""
-        tree = descendants(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
-        return still_running_after(tree, seconds=15)
-
-
-@pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[Server]:
-    running = Server(repository)
-    try:
-        running.wait_ready()
-        yield running
-    finally:
-        if running.process.poll() is None:
-            running.stop()
-
-
-def test_ready_and_metadata(server: Server) -> None:
+def test_ready_and_metadata(server: CpuServer) -> None:
     with httpclient.InferenceServerClient(server.http) as client:
         assert client.is_server_live() and client.is_server_ready()
         for model in ("sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"):
@@ -84,7 +58,7 @@ def test_ready_and_metadata(server: Server) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_generation_over_both_protocols(server: Server, protocol: str) -> None:
+def test_generation_over_both_protocols(server: CpuServer, protocol: str) -> None:
     url = server.grpc if protocol == "grpc" else server.http
     result = generate(url, protocol, prompts=["a lighthouse at dawn"], seeds=[3], height=128, width=192,
                       num_inference_steps=4)  # fmt: skip
@@ -94,7 +68,7 @@ def test_generation_over_both_protocols(server: Server, protocol: str) -> None:
     assert images.std() > 0
 
 
-def test_same_seed_same_image_other_seed_other_image(server: Server) -> None:
+def test_same_seed_same_image_other_seed_other_image(server: CpuServer) -> None:
     first = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
     again = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
     other = generate(server.grpc, prompts=["a red fox"], seeds=[6], **SMALL)["images"]
@@ -102,16 +76,19 @@ def test_same_seed_same_image_other_seed_other_image(server: Server) -> None:
     assert not np.array_equal(first, other)
 
 
-def test_missing_seed_is_drawn_and_reported(server: Server) -> None:
+def test_missing_seed_is_drawn_and_reported(server: CpuServer) -> None:
     result = generate(server.grpc, prompts=["a red fox"], **SMALL)
     (seed,) = result["seeds"]
     again = generate(server.grpc, prompts=["a red fox"], seeds=[seed], **SMALL)
     assert np.array_equal(result["images"], again["images"])
 
 
-def test_served_image_equals_the_in_process_engine(server: Server, tiny_sdxl_dir: Path) -> None:
+def test_served_image_equals_the_in_process_engine(server: CpuServer) -> None:
     from distributed_cases import generate_cases
 
+    # The model the served repository was built from (its UNet stage runs corrected_async_gn
+    # with 4 warm-up steps, the build's defaults).
+    model = json.loads((cpu_repository() / "build_manifest.json").read_text())["model"]
     request = {"prompt": "a lighthouse at dawn", "negative_prompt": "fog", "seed": 9, **SMALL}
     served = generate(server.grpc, prompts=[request["prompt"]], negative_prompts=[request["negative_prompt"]],
                       seeds=[9], **SMALL)["images"]  # fmt: skip
@@ -119,13 +96,13 @@ def test_served_image_equals_the_in_process_engine(server: Server, tiny_sdxl_dir
         "config": {"mode": "corrected_async_gn", "warmup_steps": 4},
         "call": {**request, "output_type": "np"},
     }
-    (in_process,) = spawn_local(generate_cases, RANKS, (str(tiny_sdxl_dir), [case]), threads_per_rank=1)
+    (in_process,) = spawn_local(generate_cases, RANKS, (model, [case]), threads_per_rank=1)
     expected = (np.asarray(in_process) * 255).round().astype(np.int16)
     difference = np.abs(served.astype(np.int16) - expected)
     assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
 
-def test_batched_request_and_concurrent_requests(server: Server) -> None:
+def test_batched_request_and_concurrent_requests(server: CpuServer) -> None:
     batch = generate(server.grpc, prompts=["a red fox", "a blue bird"], seeds=[1, 2], **SMALL)
     assert batch["images"].shape == (2, 128, 128, 3) and batch["seeds"] == [1, 2]
     single = generate(server.grpc, prompts=["a blue bird"], seeds=[2], **SMALL)["images"][0]
@@ -146,7 +123,7 @@ BAD_REQUESTS = {
     "missing prompt": ({"prompt": None}, "prompt"),
     "empty prompt": ({"prompt": [b""]}, "prompt"),
     "height not a multiple of 8": ({"height": 130}, "height"),
-    "height beyond the built range": ({"height": 1024}, "height"),
+    "height beyond the built range": ({"height": 4096}, "height"),  # the CPU repository's: 3072
     "zero steps": ({"num_inference_steps": 0}, "num_inference_steps"),
     "absurd steps": ({"num_inference_steps": 100000}, "num_inference_steps"),
     "NaN guidance": ({"guidance_scale": float("nan")}, "guidance_scale"),
@@ -175,7 +152,7 @@ def _raw_inputs(fields: dict) -> list:
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
-def test_bad_input_is_named_and_the_server_keeps_serving(server: Server, case: str) -> None:
+def test_bad_input_is_named_and_the_server_keeps_serving(server: CpuServer, case: str) -> None:
     fields, field = BAD_REQUESTS[case]
     client = grpcclient.InferenceServerClient(server.grpc)
     with pytest.raises(InferenceServerException) as raised:
@@ -186,7 +163,7 @@ def test_bad_input_is_named_and_the_server_keeps_serving(server: Server, case: s
                     num_inference_steps=1)["images"].shape == (1, 128, 128, 3)  # fmt: skip
 
 
-def test_wrong_dtype_and_shape_are_rejected_over_http(server: Server) -> None:
+def test_wrong_dtype_and_shape_are_rejected_over_http(server: CpuServer) -> None:
     client = httpclient.InferenceServerClient(server.http)
     prompt = httpclient.InferInput("prompt", [1, 1], "BYTES")
     prompt.set_data_from_numpy(np.array([[b"a red fox"]], dtype=np.object_))
@@ -219,7 +196,7 @@ def _unet_inputs(steps: int) -> list:
     return inputs
 
 
-def _cancel_after(server: Server, model: str, inputs: list, seconds: float) -> dict:
+def _cancel_after(server: CpuServer, model: str, inputs: list, seconds: float) -> dict:
     """Sends ``inputs`` to ``model`` and cancels it ``seconds`` later; returns the metrics before.
 
     (The UNet's metrics are updated when a request ends, so they cannot tell when it started.)
@@ -235,7 +212,7 @@ def _cancel_after(server: Server, model: str, inputs: list, seconds: float) -> d
     return before
 
 
-def test_cancelled_unet_request_stops_between_steps(server: Server) -> None:
+def test_cancelled_unet_request_stops_between_steps(server: CpuServer) -> None:
     before = _cancel_after(server, "unet", _unet_inputs(steps=1000), seconds=5)
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)  # queued behind the cancelled one
     assert result["images"].shape == (1, 128, 128, 3)
@@ -249,7 +226,7 @@ def test_cancelled_unet_request_stops_between_steps(server: Server) -> None:
     assert steps < 250, f"{steps} UNet steps ran: the cancelled request was not stopped"
 
 
-def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_serving(server: Server) -> None:
+def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_serving(server: CpuServer) -> None:
     # Triton 2.51's ensemble marks only the steps it schedules after the cancel as cancelled, not
     # the UNet step already running (triton-inference-server/server#6739): that step finishes.
     long_request = build_inputs(
@@ -260,7 +237,7 @@ def test_cancelled_ensemble_request_answers_cancelled_and_the_server_keeps_servi
     assert result["images"].shape == (1, 128, 128, 3)
 
 
-def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
+def test_unet_metrics_are_scraped_from_the_metrics_port(server: CpuServer) -> None:
     before = scrape_metrics(server.metrics)
     generate(server.grpc, prompts=["a red fox"], seeds=[1], height=128, width=128, num_inference_steps=8)
     with pytest.raises(InferenceServerException):
@@ -281,7 +258,11 @@ def test_unet_metrics_are_scraped_from_the_metrics_port(server: Server) -> None:
     assert metric_total(after, "distrifusion_live_ranks", model="unet") == RANKS
 
 
-def test_stopping_the_server_leaves_no_worker_behind(repository: Path, server: Server) -> None:
-    # Runs last in this module: stops the shared server.
-    assert descendants(server.process.pid), "expected the stub and its worker ranks"
-    assert server.stop() == set()
+def test_stopping_the_server_leaves_no_worker_behind(server: CpuServer) -> None:
+    # Runs last in this module, the last one that uses the shared server: stops it with SIGTERM, as
+    # an orchestrator does (a later caller of shared_cpu_server would start a new one).
+    tree = descendants(server.process.pid)
+    assert tree, "expected the stub and its worker ranks"
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=120)
+    assert still_running_after(tree, seconds=15) == set()

@@ -126,9 +126,9 @@ _SHARED: dict[str, CpuServer] = {}
 
 
 def shared_cpu_server(log_path: Path, register_cleanup: Callable[[Callable[[], None]], None]) -> CpuServer:
-    """One CPU server on the built CPU repository for every caller in this process (the tests of
-    perf_analyzer and of the soak share it: a start costs 20-60 s here). ``register_cleanup`` gets
-    its stop function the first time (pytest: ``request.config.add_cleanup``)."""
+    """One CPU server on the built CPU repository for every caller in this process (the serving
+    tests share it: a start costs 30-60 s here), started again if it has stopped. ``register_cleanup``
+    gets its stop function the first time (pytest: ``request.config.add_cleanup``)."""
     server = _SHARED.get("server")
     if server is None or server.process.poll() is not None:
         server = CpuServer(ensure_cpu_repository(), log_path)
