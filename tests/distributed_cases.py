@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +15,13 @@ from distrifusion.exchange import Exchange
 from distrifusion.geometry import BandLayout
 from distrifusion.ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from distrifusion.pipeline import DistriPipeline
+
+
+def run_jobs(jobs: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """Runs each ``fn(*args)`` of ``jobs`` in turn on this group; returns their results (rank 0's
+    are the ones spawn_local returns). One spawn for many jobs: starting ranks that import diffusers
+    costs 10-30 s here, more than most jobs."""
+    return [fn(*args) for fn, args in jobs]
 
 
 def generate_cases(model_dir: str, cases: list[dict[str, Any]]) -> list[Any]:

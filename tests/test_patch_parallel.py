@@ -1,7 +1,8 @@
 """Patch parallelism on real gloo ranks against the single-process diffusers pipeline.
 
-Each rank count is spawned once (module-scoped fixtures) and runs all of its cases, since forming a
-group and loading the model cost seconds.
+Each rank count is spawned once (a module-scoped fixture) and runs all of its cases, both models and
+the operator and communication checks, since starting ranks that import diffusers and forming a
+group cost 10-30 s here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_cases import generate_cases, patch_op_errors, reference_outputs, step_communication
+from distributed_cases import (
+    generate_cases,
+    patch_op_errors,
+    reference_outputs,
+    run_jobs,
+    step_communication,
+)
 
 from distrifusion.launch import spawn_local
 
@@ -133,15 +140,33 @@ def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
     return cases
 
 
+PATCH_OPERATORS = "patch operators on fresh data"
+STEP_COMMUNICATION = "step communication"
+
+
 def run_world(world: int, model_dirs: dict[str, Path], cases: list[tuple[str, str, dict, dict]]) -> dict:
+    """Every case of ``world`` ranks, the patch operators and (on 2 ranks) the step communication, in
+    one spawned group; outputs by case label, PATCH_OPERATORS and STEP_COMMUNICATION."""
+    by_model = {model: [case for case in cases if case[1] == model] for model in ("sdxl", "sd15")}
+    jobs = {
+        model: (
+            generate_cases,
+            (str(model_dirs[model]), [{"config": c, "call": r} for _, _, c, r in selected]),
+        )
+        for model, selected in by_model.items()
+        if selected
+    }
+    # After the generations (a dict keeps its order): patch_op_errors seeds torch's global generator.
+    jobs[PATCH_OPERATORS] = (patch_op_errors, (0,))
+    if world == 2:
+        jobs[STEP_COMMUNICATION] = (step_communication, (str(model_dirs["sdxl"]), 5, 1))
+    results = spawn_local(run_jobs, world, (list(jobs.values()),), threads_per_rank=1)
     outputs = {}
-    for model in ("sdxl", "sd15"):
-        selected = [case for case in cases if case[1] == model]
-        if not selected:
-            continue
-        specs = [{"config": config, "call": request} for _, _, config, request in selected]
-        results = spawn_local(generate_cases, world, (str(model_dirs[model]), specs), threads_per_rank=1)
-        outputs.update({label: result for (label, *_), result in zip(selected, results, strict=True)})
+    for name, result in zip(jobs, results, strict=True):
+        if name in by_model:
+            outputs.update(zip([label for label, *_ in by_model[name]], result, strict=True))
+        else:
+            outputs[name] = result
     return outputs
 
 
@@ -154,11 +179,10 @@ def model_dirs(tiny_sdxl_dir: Path, tiny_sd15_dir: Path) -> dict[str, Path]:
 def references(model_dirs: dict[str, Path]) -> dict[str, torch.Tensor | np.ndarray]:
     """Single-process diffusers outputs for every distinct (model, call) used below."""
     wanted: dict[str, list[dict]] = {"sdxl": [], "sd15": []}
-    for cases in EXACT_CASES.values():
-        for _, model, _, request in cases:
+    requests = [(model, request) for cases in EXACT_CASES.values() for _, model, _, request in cases]
+    for model, request in [*requests, ("sdxl", IMAGE_CALL), ("sdxl", DDIM_CASES[2][0][3])]:
+        if request not in wanted[model]:  # several cases and rank counts make the same call
             wanted[model].append(request)
-    wanted["sdxl"].append(IMAGE_CALL)
-    wanted["sdxl"].append(DDIM_CASES[2][0][3])
     torch.set_num_threads(1)
     outputs = {}
     for model, calls in wanted.items():
@@ -251,16 +275,18 @@ def test_fp16_and_bf16_run_close_to_fp32(world_outputs, references) -> None:
         assert error < tolerance, f"{world} ranks, {dtype}: relative error {error:.2e} against fp32"
 
 
-def test_each_patch_operator_on_fresh_data_equals_the_full_operator() -> None:
-    for world in (2, 3):
-        errors = spawn_local(patch_op_errors, world, (0,), threads_per_rank=1)
-        for op, error in errors.items():
-            assert error < 1e-5, f"{world} ranks, {op}: max abs error {error:.2e}"
+def test_each_patch_operator_on_fresh_data_equals_the_full_operator(world_outputs) -> None:
+    world, outputs = world_outputs
+    for op, error in outputs[PATCH_OPERATORS].items():
+        assert error < 1e-5, f"{world} ranks, {op}: max abs error {error:.2e}"
 
 
-def test_async_steps_batch_their_all_gathers_and_the_last_step_sends_nothing(tiny_sdxl_dir: Path) -> None:
-    generations = spawn_local(step_communication, 2, (str(tiny_sdxl_dir), 5, 1), threads_per_rank=1)
-    for records in generations:  # the first generation records the batches, the second reuses them
+def test_async_steps_batch_their_all_gathers_and_the_last_step_sends_nothing(world_outputs) -> None:
+    world, outputs = world_outputs
+    if world != 2:
+        pytest.skip("checked on 2 ranks")
+    # the first generation records the batches, the second reuses them
+    for records in outputs[STEP_COMMUNICATION]:
         assert [phase for phase, _, _ in records] == ["warmup", "warmup", "steady", "steady", "last"]
         (_, warmup_collectives, warmup_bytes), _, *steady, (_, last_collectives, last_bytes) = records
         output_gather_bytes = last_bytes
