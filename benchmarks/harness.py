@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -282,3 +283,15 @@ def write_json(path: Path, payload: object) -> None:
     """``payload`` as strict JSON (see :func:`jsonable`) at ``path``, its folder created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
+
+
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """Replaces the body of the ``##`` section ``heading`` of BENCHMARKS.md (added at the end if missing)."""
+    text = path.read_text()
+    block = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 import torch
 from diffusers import AutoencoderKL
 
-from benchmarks.harness import log, machine_line, start_conditions, write_json
+from benchmarks.harness import log, machine_line, replace_section, start_conditions, write_json
 from benchmarks.serving_common import BENCHMARKS_MD
+from distrifusion.export.onnx_export import ort_session
 from distrifusion.serving.cpu_server import checkout_root, ensure_cpu_repository
 from distrifusion.vae.decode import ENGINE_OUTPUTS, WHOLE_ENGINE, DecodeSettings, VaeDecoder
 from distrifusion.vae.quality import (
@@ -43,12 +42,7 @@ SHARES = (0.0, 0.5, 0.75, 1.0)
 
 
 def onnx_engines(repository: Path):
-    sessions = {
-        model: ort.InferenceSession(
-            str(repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-        )
-        for model in ENGINE_OUTPUTS
-    }
+    sessions = {model: ort_session(repository / model / "1" / "model.onnx") for model in ENGINE_OUTPUTS}
 
     def run(model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
@@ -135,18 +129,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['seam']:.3f} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines)
-
-
-def replace_section(path: Path, heading: str, body: str) -> None:
-    """Replaces the body of the ``##`` section ``heading`` of BENCHMARKS.md (added at the end if missing)."""
-    text = path.read_text()
-    block = f"{heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -590,7 +590,11 @@ def _build(
                 example = {"input_ids": ids[name][:2]}
                 cases = text_encoder_cases(ids[name])
             folder = (onnx_dir / name) if onnx_dir is not None else (repo / name / "1")
-            exported = export_stage(module, spec, folder / "model.onnx", example, opset=args.opset)
+            # ONNX Runtime runs the VAE's attention fused; TensorRT's parser knows no com.microsoft op.
+            fused = args.target == "cpu" and name in VAE_ENGINES
+            exported = export_stage(
+                module, spec, folder / "model.onnx", example, opset=args.opset, fused_attention=fused
+            )
             for path in folder.glob("model.onnx*"):
                 path.chmod(0o644)
             result = check_stage(module, spec, exported.path, cases, atol=args.atol, rtol=args.rtol)
@@ -602,6 +606,7 @@ def _build(
             manifest["stages"][name] = {
                 "onnx_opset": args.opset,
                 "onnx_external_data": exported.external_data,
+                "onnx_fused_attention": fused,
                 "onnx_check": {
                     "max_abs_error": result.max_abs_error,
                     "limit": result.limit,

@@ -283,6 +283,26 @@ def _copy(config: ModelConfig) -> ModelConfig:
     return parse_config(format_config(config))
 
 
+def test_cpu_vae_graphs_run_attention_fused_within_the_cost_model(cpu_repo: Path) -> None:
+    """ONNX Runtime's fused attention in the three VAE graphs (not in the text encoders), and one
+    call's measured peak under what the stage budgets for it."""
+    import onnx
+
+    from benchmarks.vae_memory import measure
+
+    for name in (TEXT_ENCODER, *VAE_ENGINES):
+        ops = {node.op_type for node in onnx.load(str(cpu_repo / name / "1" / "model.onnx")).graph.node}
+        assert ("MultiHeadAttention" in ops) == (name in VAE_ENGINES), name
+    settings = DecodeSettings.load(cpu_repo / VAE_DECODER / "1")
+    assert not settings.attention_materialised
+    for engine, batch, side in ((VAE_WHOLE, 1, 96), (VAE_TILE_STATISTICS, 2, 48), (VAE_TILES, 2, 48)):
+        peak = measure(cpu_repo / engine / "1" / "model.onnx", batch, side, side)
+        budgeted = settings.footprint.peak_bytes(engine, batch, side, side, attention_materialised=False)
+        assert peak <= budgeted, (
+            f"{engine}: {peak / 2**20:.0f} MiB measured, {budgeted / 2**20:.0f} MiB budgeted"
+        )
+
+
 def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
     assert {p.name for p in cpu_repo.iterdir() if p.is_dir()} == EXPECTED_MODELS
     for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):

@@ -49,7 +49,8 @@ class DecodeSettings:
     element_limit: int | None
     """Largest tensor an engine takes (TensorRT: :data:`INT32_ELEMENTS`; ONNX Runtime: none)."""
     attention_materialised: bool
-    """The whole-latent engine computes the mid block's full score matrix."""
+    """The engines compute the mid block's full score matrix (TensorRT: the exported MatMul-Softmax
+    pattern; ONNX Runtime's fused ``MultiHeadAttention`` does not)."""
     tile: int
     """Tile side in latent pixels."""
     overlap: int
@@ -71,12 +72,16 @@ class DecodeSettings:
             )
         if self.tiles_per_call < 1:
             raise ValueError(f"tiles per call: {self.tiles_per_call} must be at least 1")
-        if not self._call_fits(self.tiles_per_call, self.tile, self.tile, self.attention_materialised):
-            raise ValueError(
-                f"{self.tiles_per_call} tile(s) of {self.tile}x{self.tile} latent pixels per call need "
-                f"{_gib(self.footprint.peak_bytes(self.tiles_per_call, self.tile, self.tile, True))} or more "
-                f"than {self.element_limit} elements; the budget is {_gib(self.memory_budget_bytes)}"
-            )
+        for engine in self.tile_engines:
+            if not self._call_fits(engine, self.tiles_per_call, self.tile, self.tile):
+                needs = self.footprint.peak_bytes(
+                    engine, self.tiles_per_call, self.tile, self.tile, self.attention_materialised
+                )
+                raise ValueError(
+                    f"{self.tiles_per_call} tile(s) of {self.tile}x{self.tile} latent pixels per call of "
+                    f"{engine} need {_gib(needs)} or more than {self.element_limit} elements; the budget is "
+                    f"{_gib(self.memory_budget_bytes)}"
+                )
 
     @classmethod
     def derive(
@@ -96,18 +101,23 @@ class DecodeSettings:
         footprint = DecoderFootprint.from_config(vae_config)
         tile = tile or max(1, int(vae_config.get("sample_size", 1024)) // footprint.scale_factor)
         limit = INT32_ELEMENTS if tensorrt else None
+        materialised = tensorrt  # the CPU target exports attention fused (distrifusion.export.attention)
         if tiles_per_call is None:
+            engines = _tile_engines(image_statistics)
             fitting = [
                 n
                 for n in range(1, 9)
-                if call_fits(footprint, memory_budget_bytes // 2, limit, n, tile, tile, True)
+                if all(
+                    call_fits(footprint, memory_budget_bytes // 2, limit, engine, n, tile, tile, materialised)
+                    for engine in engines
+                )
             ]
             tiles_per_call = max(fitting, default=1)
         return cls(
             footprint=footprint,
             memory_budget_bytes=memory_budget_bytes,
             element_limit=limit,
-            attention_materialised=True,
+            attention_materialised=materialised,
             tile=tile,
             overlap=tile // 4 if overlap is None else overlap,
             tiles_per_call=tiles_per_call,
@@ -116,9 +126,20 @@ class DecodeSettings:
             image_statistics=image_statistics,
         )
 
-    def _call_fits(self, batch: int, height: int, width: int, attention: bool) -> bool:
+    @property
+    def tile_engines(self) -> tuple[str, ...]:
+        return _tile_engines(self.image_statistics)
+
+    def _call_fits(self, engine: str, batch: int, height: int, width: int) -> bool:
         return call_fits(
-            self.footprint, self.memory_budget_bytes, self.element_limit, batch, height, width, attention
+            self.footprint,
+            self.memory_budget_bytes,
+            self.element_limit,
+            engine,
+            batch,
+            height,
+            width,
+            self.attention_materialised,
         )
 
     def decodes_whole(self, height: int, width: int) -> bool:
@@ -130,12 +151,17 @@ class DecodeSettings:
             max_height, max_width = self.whole_max_latent
             if height > max_height or width > max_width:
                 return False
-        return self._call_fits(1, height, width, self.attention_materialised)
+        return self._call_fits(WHOLE_ENGINE, 1, height, width)
 
     def tiled_bytes(self, height: int, width: int) -> int:
         """Working memory of a tiled decode: one engine call, the float image and the tiles' weights."""
         plan = self.plan(height, width)
-        call = self.footprint.peak_bytes(self.tiles_per_call, plan.tile_height, plan.tile_width, True)
+        call = max(
+            self.footprint.peak_bytes(
+                engine, self.tiles_per_call, plan.tile_height, plan.tile_width, self.attention_materialised
+            )
+            for engine in self.tile_engines
+        )
         pixels = self.footprint.scale_factor**2
         image = height * width * pixels * 3 * 4
         weights = len(plan) * plan.tile_height * plan.tile_width * pixels * 4
@@ -183,19 +209,25 @@ def call_fits(
     footprint: DecoderFootprint,
     budget_bytes: int,
     element_limit: int | None,
+    engine: str,
     batch: int,
     height: int,
     width: int,
     attention_materialised: bool,
 ) -> bool:
-    """Whether one engine call on ``batch`` latents of ``height`` x ``width`` stays under the element
-    limit and the memory budget."""
+    """Whether one call of ``engine`` on ``batch`` latents of ``height`` x ``width`` stays under the
+    element limit and the memory budget."""
     if element_limit is not None:
         largest = footprint.largest_tensor_elements(batch, height, width)
         scores = footprint.attention_score_elements(batch, height, width) if attention_materialised else 0
         if max(largest, scores) > element_limit:
             return False
-    return footprint.peak_bytes(batch, height, width, attention_materialised) <= budget_bytes
+    return footprint.peak_bytes(engine, batch, height, width, attention_materialised) <= budget_bytes
+
+
+def _tile_engines(image_statistics: float) -> tuple[str, ...]:
+    """The engines a tiled decode calls: the record pass only when the image's statistics are mixed in."""
+    return (TILE_STATISTICS_ENGINE, TILE_ENGINE) if image_statistics > 0 else (TILE_ENGINE,)
 
 
 def _largest_tiled_side(settings: DecodeSettings) -> int:

@@ -16,14 +16,21 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ..export.specs import VAE_TILE_STATISTICS, VAE_TILES, VAE_WHOLE
+
 INT32_ELEMENTS = 2**31 - 1
 """TensorRT's convolution (10.x) does not take tensors over this many elements."""
 
-LIVE_ACTIVATIONS = 3
-"""Activations of the largest size alive at once in a decode: a resnet's input (kept for the
-skip), its normalised input and its convolution's output. A lower bound: ONNX Runtime's measured
-peaks are 1.7x (whole decode) to 4.4x (the tile-statistics pass) this estimate (BENCHMARKS.md,
-"High resolution"); not yet calibrated."""
+LIVE_ACTIVATIONS = {VAE_WHOLE: 6.0, VAE_TILE_STATISTICS: 7.5, VAE_TILES: 6.0}
+"""Peak working memory of one call of each graph, in activations of the largest size: the largest
+factor measured with ONNX Runtime (the served session options, attention fused), rounded up
+(benchmarks/vae_memory.py, BENCHMARKS.md "VAE memory": the tiny model's VAE and SDXL's, at several
+sizes; it is not proportional to the size). The record pass holds the most: every GroupNorm's
+weighted sums. TensorRT plans its own memory; not measured here, these are its estimate too."""
+
+SCORE_COPIES = 2
+"""A materialised attention holds its score matrix and the matrix's softmax at once (measured:
+ONNX Runtime's MatMul-Softmax-MatMul, 2.1 score matrices at 16384 tokens)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +77,15 @@ class DecoderFootprint:
         return batch * self.attention_heads * tokens * tokens
 
     def peak_bytes(
-        self, batch: int, latent_height: int, latent_width: int, attention_materialised: bool
+        self, engine: str, batch: int, latent_height: int, latent_width: int, attention_materialised: bool
     ) -> int:
-        """Estimated working memory of one decode call (weights not included)."""
-        activations = LIVE_ACTIVATIONS * self.largest_tensor_elements(batch, latent_height, latent_width)
-        scores = (
-            self.attention_score_elements(batch, latent_height, latent_width) if attention_materialised else 0
+        """Estimated working memory of one call of ``engine`` (weights not included)."""
+        activations = LIVE_ACTIVATIONS[engine] * self.largest_tensor_elements(
+            batch, latent_height, latent_width
         )
-        return (activations + scores) * self.bytes_per_element
+        scores = (
+            SCORE_COPIES * self.attention_score_elements(batch, latent_height, latent_width)
+            if attention_materialised
+            else 0
+        )
+        return int((activations + scores) * self.bytes_per_element)
