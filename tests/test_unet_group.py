@@ -20,6 +20,7 @@ from processes import descendants, still_running_after
 from distrifusion.config import ConfigError, DistriConfig
 from distrifusion.pipeline import DistriPipeline
 from distrifusion.serving.denoise import DenoiseRequest
+from distrifusion.serving.memory import peak_growth
 from distrifusion.serving.unet_group import UNetGroup
 from distrifusion.topology import Topology
 
@@ -81,6 +82,32 @@ def test_invalid_request_is_named_and_the_group_keeps_serving(group: UNetGroup, 
         group.denoise(encoded_request(tiny_sdxl_dir, height=136))
     assert group.live_ranks == 2
     assert not group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=1)).interrupted
+
+
+def test_a_generation_beyond_the_free_memory_is_refused_before_any_rank_starts(
+    group: UNetGroup, tiny_sdxl_dir: Path
+) -> None:
+    request = encoded_request(tiny_sdxl_dir, num_inference_steps=2)
+    group.warm_up(128, 128, request.prompt_embeds.shape[1])
+    assert group.memory.bytes_per_row_pixel and group.memory.bytes_per_row_pixel > 0
+    larger = encoded_request(tiny_sdxl_dir, height=256, width=320, num_inference_steps=2)
+    with peak_growth(group.pipeline.unet.device) as peak:
+        group.denoise(larger)
+    assert peak[0] <= group.memory.estimate(2, 256, 320), "the estimate from the warm-up is an upper bound"
+    free = group.memory.free
+    group.memory.free = lambda: group.memory.estimate(2, 1024, 1024) - 1
+    try:
+        before = group.pipeline.unet.steps
+        with pytest.raises(
+            ConfigError,
+            match=r"width, height: a 1024x1024 generation of 2 UNet row\(s\) needs about .* GiB per rank, "
+            r".* the largest square size that fits at this batch now: 960x960",
+        ):
+            group.denoise(encoded_request(tiny_sdxl_dir, height=1024, width=1024))
+        assert group.pipeline.unet.steps is before, "no step ran"
+        assert not group.denoise(request).interrupted
+    finally:
+        group.memory.free = free
 
 
 def test_workers_exit_when_their_parent_is_killed(tiny_sdxl_dir: Path) -> None:

@@ -41,6 +41,7 @@ from ..launch import free_port, init_local_rank, select_device
 from ..topology import Topology
 from .denoise import DenoiseRequest, DenoiseResult, load_unet_pipeline, run_denoise, warmup_request
 from .faults import FaultInjection, FaultPolicy, GroupFault, GroupUnavailable
+from .memory import FreeMemory, UNetMemory, free_memory, peak_growth
 from .rank_worker import DevicePlacement, RankWorker
 
 _START_TIMEOUT_SECONDS = 600.0
@@ -87,6 +88,7 @@ class UNetGroup:
         placement: DevicePlacement = select_device,
         policy: FaultPolicy | None = None,
         on_event: EventSink = _ignore,
+        free_memory_now: FreeMemory | None = None,
     ) -> None:
         config.validate_world(ranks)
         if devices is not None and len(devices) != ranks:
@@ -125,6 +127,12 @@ class UNetGroup:
             except BaseException:
                 self._teardown()
                 raise
+        device = self.pipeline.unet.device
+        # On the CPU every rank of the group shares this machine's memory; a GPU is its rank's own.
+        self.memory = UNetMemory(
+            free_memory_now or free_memory(device, ranks if device.type == "cpu" else 1),
+            self.pipeline.pipe.vae_scale_factor,
+        )
         self._set_state(SERVING)
         self._start_thread(self._watch, "distrifusion-watchdog")
 
@@ -165,6 +173,7 @@ class UNetGroup:
             request.guidance_scale,
             request.scheduler,
         )
+        self.memory.check(_unet_rows(request), request.height, request.width)
 
     def warm_up(self, height: int, width: int, text_tokens: int) -> None:
         """Runs every step phase of this size once (two short generations at batch 1), so that
@@ -181,7 +190,10 @@ class UNetGroup:
         first_async = self.config.warmup_steps + 1
         try:
             for steps in (first_async + 3, first_async + 1):
-                self._run(warmup_request(unet_config, height, width, text_tokens, steps), _never)
+                request = warmup_request(unet_config, height, width, text_tokens, steps)
+                with peak_growth(self.pipeline.unet.device) as peak:
+                    self._run(request, _never)
+                self.memory.record(_unet_rows(request), height, width, peak[0])
         except Exception as error:
             hint = (
                 " (CUDA graphs are on: build with --no-cuda-graphs to serve eager, measured slower)"
@@ -429,3 +441,8 @@ class UNetGroup:
         for thread in self._threads_started:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
+
+
+def _unet_rows(request: DenoiseRequest) -> int:
+    """Rows of the UNet's input: every prompt, twice under classifier-free guidance."""
+    return request.prompt_embeds.shape[0] * (2 if request.guidance_scale > 1 else 1)
