@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,11 +29,30 @@ from distrifusion.topology import Topology
 PROMPT, NEGATIVE = "a lighthouse at dawn", "fog"
 
 
-def encoded_request(model_dir: Path, **fields) -> DenoiseRequest:
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPT, negative_prompt=NEGATIVE)
-    request = {"seeds": [11], "height": 128, "width": 128, "num_inference_steps": 5, "guidance_scale": 5.0}
-    return DenoiseRequest(embeds, pooled, negative, negative_pooled, **{**request, **fields})
+@pytest.fixture(scope="module")
+def sdxl_pipe(tiny_sdxl_dir: Path) -> StableDiffusionXLPipeline:
+    """The plain diffusers pipeline, loaded once: the prompt's encodings and the reference."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def encoded_request(sdxl_pipe: StableDiffusionXLPipeline) -> Callable[..., DenoiseRequest]:
+    """Makes a request of PROMPT and NEGATIVE (encoded once) with ``fields`` changed."""
+    embeds, negative, pooled, negative_pooled = sdxl_pipe.encode_prompt(PROMPT, negative_prompt=NEGATIVE)
+
+    def make(**fields: Any) -> DenoiseRequest:
+        request = {
+            "seeds": [11],
+            "height": 128,
+            "width": 128,
+            "num_inference_steps": 5,
+            "guidance_scale": 5.0,
+        }
+        return DenoiseRequest(embeds, pooled, negative, negative_pooled, **{**request, **fields})
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +62,11 @@ def group(tiny_sdxl_dir: Path):
     unet_group.close()
 
 
-def test_group_matches_the_single_process_pipeline(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
-    result = group.denoise(encoded_request(tiny_sdxl_dir))
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
+def test_group_matches_the_single_process_pipeline(
+    group: UNetGroup, sdxl_pipe: StableDiffusionXLPipeline, encoded_request: Callable[..., DenoiseRequest]
+) -> None:
+    result = group.denoise(encoded_request())
+    expected = sdxl_pipe(
         PROMPT, negative_prompt=NEGATIVE, height=128, width=128, num_inference_steps=5,
         generator=torch.Generator().manual_seed(11), output_type="latent",
     ).images  # fmt: skip
@@ -54,15 +75,17 @@ def test_group_matches_the_single_process_pipeline(group: UNetGroup, tiny_sdxl_d
     assert error <= 1e-5, error
 
 
-def test_a_missing_seed_is_drawn_and_reported(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
-    result = group.denoise(encoded_request(tiny_sdxl_dir, seeds=[None], num_inference_steps=2))
-    again = group.denoise(encoded_request(tiny_sdxl_dir, seeds=result.seeds, num_inference_steps=2))
+def test_a_missing_seed_is_drawn_and_reported(
+    group: UNetGroup, encoded_request: Callable[..., DenoiseRequest]
+) -> None:
+    result = group.denoise(encoded_request(seeds=[None], num_inference_steps=2))
+    again = group.denoise(encoded_request(seeds=result.seeds, num_inference_steps=2))
     assert isinstance(result.seeds[0], int)
     assert torch.equal(result.latents, again.latents)
 
 
 def test_stopping_between_steps_frees_the_group_for_the_next_request(
-    group: UNetGroup, tiny_sdxl_dir: Path
+    group: UNetGroup, encoded_request: Callable[..., DenoiseRequest]
 ) -> None:
     asked = []
 
@@ -70,27 +93,29 @@ def test_stopping_between_steps_frees_the_group_for_the_next_request(
         asked.append(True)
         return len(asked) >= 2
 
-    stopped = group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=20), cancelled_after_two_steps)
+    stopped = group.denoise(encoded_request(num_inference_steps=20), cancelled_after_two_steps)
     assert stopped.interrupted
     assert len(asked) == 2, "should_stop is asked after every step until it says stop"
     assert len(group.pipeline.unet.steps) == 2, "no UNet step may run after the stop"
-    assert not group.denoise(encoded_request(tiny_sdxl_dir)).interrupted
+    assert not group.denoise(encoded_request()).interrupted
 
 
-def test_invalid_request_is_named_and_the_group_keeps_serving(group: UNetGroup, tiny_sdxl_dir: Path) -> None:
+def test_invalid_request_is_named_and_the_group_keeps_serving(
+    group: UNetGroup, encoded_request: Callable[..., DenoiseRequest]
+) -> None:
     with pytest.raises(ConfigError, match="height: must be a positive multiple of 32 pixels"):
-        group.denoise(encoded_request(tiny_sdxl_dir, height=136))
+        group.denoise(encoded_request(height=136))
     assert group.live_ranks == 2
-    assert not group.denoise(encoded_request(tiny_sdxl_dir, num_inference_steps=1)).interrupted
+    assert not group.denoise(encoded_request(num_inference_steps=1)).interrupted
 
 
 def test_a_generation_beyond_the_free_memory_is_refused_before_any_rank_starts(
-    group: UNetGroup, tiny_sdxl_dir: Path
+    group: UNetGroup, encoded_request: Callable[..., DenoiseRequest]
 ) -> None:
-    request = encoded_request(tiny_sdxl_dir, num_inference_steps=2)
+    request = encoded_request(num_inference_steps=2)
     group.warm_up(128, 128, request.prompt_embeds.shape[1])
     assert group.memory.bytes_per_row_pixel and group.memory.bytes_per_row_pixel > 0
-    larger = encoded_request(tiny_sdxl_dir, height=256, width=320, num_inference_steps=2)
+    larger = encoded_request(height=256, width=320, num_inference_steps=2)
     with peak_growth(group.pipeline.unet.device) as peak:
         group.denoise(larger)
     assert peak[0] <= group.memory.estimate(2, 256, 320), "the estimate from the warm-up is an upper bound"
@@ -103,7 +128,7 @@ def test_a_generation_beyond_the_free_memory_is_refused_before_any_rank_starts(
             match=r"width, height: a 1024x1024 generation of 2 UNet row\(s\) needs about .* GiB per rank, "
             r".* the largest square size that fits at this batch now: 960x960",
         ):
-            group.denoise(encoded_request(tiny_sdxl_dir, height=1024, width=1024))
+            group.denoise(encoded_request(height=1024, width=1024))
         assert group.pipeline.unet.steps is before, "no step ran"
         assert not group.denoise(request).interrupted
     finally:
