@@ -5,8 +5,8 @@ distrifusion.vae.footprint: what calibrates its live-activation factors.
 
 For each model's three VAE graphs (exported as the CPU target exports them: attention fused), each
 call shape runs in a fresh process: ONNX Runtime's session with the served options, one small call
-first (so that weights and code are resident), then the peak resident memory (VmHWM, reset through
-/proc/self/clear_refs) of one call at the shape, over the memory before it. The factor is that
+first (so that weights and code are resident), then the peak resident memory one call at the shape
+adds (distrifusion.serving.memory.peak_growth, as the UNet stage measures its own). The factor is that
 increase over the bytes of the decoder's largest activation at that shape.
 
 Models: ``tiny``, the CPU repository's engines (what the CPU server runs); ``sdxl``, the SDXL VAE's
@@ -64,13 +64,6 @@ SHAPES = {
 }  # fmt: skip
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _feeds(
     session: Any, batch: int, height: int, width: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
@@ -89,16 +82,18 @@ def _feeds(
 
 def measure_in_this_process(onnx_path: str, batch: int, height: int, width: int) -> int:
     """Peak resident bytes one call adds, over the process after a small call."""
+    import torch
+
     from distrifusion.export.onnx_export import ort_session
+    from distrifusion.serving.memory import peak_growth
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
     session.run(None, _feeds(session, 1, 8, 8, rng))
     feeds = _feeds(session, batch, height, width, rng)
-    before = _status_bytes("VmRSS:")
-    Path("/proc/self/clear_refs").write_text("5")
-    session.run(None, feeds)
-    return _status_bytes("VmHWM:") - before
+    with peak_growth(torch.device("cpu")) as peak:
+        session.run(None, feeds)
+    return peak[0]
 
 
 def measure(onnx_path: Path, batch: int, height: int, width: int) -> int:
