@@ -41,8 +41,10 @@ class TritonPythonModel:
         path = Path(__file__).resolve().parent / (params.get("onnx_file") or "model.onnx")
         options = ort.SessionOptions()
         # As distrifusion.export.onnx_export.ort_session (the memory the VAE stage budgets for was
-        # measured with it): the priority-based order halves the tile-statistics graph's peak.
+        # measured with it): the priority-based order halves the tile-statistics graph's peak, and
+        # without the memory pattern a shape's second call does not allocate its peak again.
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        options.enable_mem_pattern = False
         threads = int(params.get("intra_op_num_threads") or 0)
         if threads > 0:
             options.intra_op_num_threads = threads
