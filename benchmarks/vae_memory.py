@@ -157,8 +157,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} ({report['conditions']}). ONNX Runtime "
         f"{report['onnxruntime']}, the served session options, attention fused (`MultiHeadAttention`). Peak: "
-        "resident memory one call adds; factor: that over the decoder's largest activation (fp32) at the "
-        "shape; the cost model (`distrifusion.vae.footprint.LIVE_ACTIVATIONS`) must not be below it.",
+        "resident memory two calls add to a new session; factor: that over the decoder's largest activation "
+        "(fp32) at the shape; the cost model (`distrifusion.vae.footprint.LIVE_ACTIVATIONS`) must not be below "
+        "it (it adds 256 MiB per call for the served stub's own overhead).",
         "",
         "| model | engine | tiles x latent | largest activation (MiB) | peak (MiB) | factor | cost model |",
         "|---|---|---|---:|---:|---:|---:|",

@@ -152,12 +152,12 @@ def test_tiled_decode_beats_diffusers_tiling_at_the_same_tile_size(vae) -> None:
 def test_settings_pick_whole_or_tiles_and_refuse_what_cannot_fit() -> None:
     gpu = DecodeSettings.derive(SDXL_VAE, 24 * GIB, tensorrt=True)
     assert gpu.tile == 128 and gpu.overlap == 32
-    assert gpu.tiles_per_call == 1  # a 1024 px tile's record pass: about 9.5 GiB with its scores
+    assert gpu.tiles_per_call == 1  # a 1024 px tile's record pass: about 9.8 GiB with its scores
     assert gpu.decodes_whole(128, 128)  # 1024^2: 6 GiB of activations, 2 GiB of scores
     assert not gpu.decodes_whole(256, 256)  # 2048^2: the score matrix alone has 4.3e9 elements
     assert gpu.check(480, 480) is False  # 3840^2 in tiles
     assert gpu.check(512, 512) is False  # 4096^2 in tiles
-    small = DecodeSettings.derive(SDXL_VAE, int(9.6 * GIB), tensorrt=True, tiles_per_call=1)
+    small = DecodeSettings.derive(SDXL_VAE, int(9.9 * GIB), tensorrt=True, tiles_per_call=1)
     with pytest.raises(
         DecodeTooLarge, match=r"a 4096x4096 image needs about .* the largest square image that fits is"
     ):
@@ -166,14 +166,14 @@ def test_settings_pick_whole_or_tiles_and_refuse_what_cannot_fit() -> None:
     assert forced.decodes_whole(64, 64) and not forced.decodes_whole(64, 72)
     with pytest.raises(ValueError, match="tile overlap"):
         DecodeSettings.derive(SDXL_VAE, 24 * GIB, tensorrt=True, overlap=128)
-    with pytest.raises(ValueError, match=r"1 tile.* per call of vae_decoder_tile_statistics need 9.5 GiB"):
+    with pytest.raises(ValueError, match=r"1 tile.* per call of vae_decoder_tile_statistics need 9.8 GiB"):
         DecodeSettings.derive(SDXL_VAE, 8 * GIB, tensorrt=True)
     cpu = DecodeSettings.derive(SDXL_VAE, 16 * GIB, tensorrt=False)  # attention fused: no scores
     assert cpu.decodes_whole(200, 200) and not cpu.decodes_whole(256, 256)  # 1600^2 whole, 2048^2 tiled
 
 
 def test_the_stage_refuses_a_size_beyond_its_budget_before_any_engine_call(vae) -> None:
-    settings = DecodeSettings.derive(vae.config, 64 * 2**20, tensorrt=False, tile=16, tiles_per_call=1)
+    settings = DecodeSettings.derive(vae.config, 320 * 2**20, tensorrt=False, tile=16, tiles_per_call=1)
     calls = []
     stage = VaeStage(settings, lambda model, inputs: calls.append(model))
     with pytest.raises(DecodeTooLarge, match=r"vae_decoder: a 4096x4096 image needs about .* GiB"):
@@ -181,4 +181,4 @@ def test_the_stage_refuses_a_size_beyond_its_budget_before_any_engine_call(vae) 
     assert calls == []
     images, records = VaeStage(settings, torch_engines(vae)).decode(np.zeros((2, 4, 24, 40), np.float32))
     assert images.shape == (2, 192, 320, 3) and images.dtype == np.uint8
-    assert [record.path for record in records] == ["whole", "whole"]  # about 27 MiB each
+    assert [record.path for record in records] == ["whole", "whole"]  # ~300 MiB each (256: overhead)

@@ -28,6 +28,11 @@ factor measured with ONNX Runtime (the served session options, attention fused),
 sizes; it is not proportional to the size). The record pass holds the most: every GroupNorm's
 weighted sums. TensorRT plans its own memory; not measured here, these are its estimate too."""
 
+CALL_OVERHEAD_BYTES = 256 * 2**20
+"""What one call costs beyond its activations in a served engine: ONNX Runtime in a Triton stub
+peaked 200-250 MiB above the same call in a plain process (BENCHMARKS.md "High resolution" against
+"VAE memory"). Counted for TensorRT too, where it is not measured."""
+
 SCORE_COPIES = 2
 """A materialised attention holds its score matrix and the matrix's softmax at once (measured:
 ONNX Runtime's MatMul-Softmax-MatMul, 2.1 score matrices at 16384 tokens)."""
@@ -88,4 +93,4 @@ class DecoderFootprint:
             if attention_materialised
             else 0
         )
-        return int((activations + scores) * self.bytes_per_element)
+        return int((activations + scores) * self.bytes_per_element) + CALL_OVERHEAD_BYTES
