@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
-from ..unet import StepRecord
 from .faults import GroupFault, GroupUnavailable
+
+if TYPE_CHECKING:  # the VAE stage imports this module: it starts faster without diffusers
+    from ..unet import StepRecord
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
