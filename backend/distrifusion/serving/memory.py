@@ -32,18 +32,12 @@ FreeMemory = Callable[[], int]
 """Bytes one rank may still use now."""
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``kB`` field of a /proc file (``/proc/self/status``, ``/proc/meminfo``), in bytes."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable")
+    raise OSError(f"{path} has no {field}")
 
 
 def free_memory(device: torch.device, ranks_sharing: int) -> FreeMemory:
@@ -54,7 +48,7 @@ def free_memory(device: torch.device, ranks_sharing: int) -> FreeMemory:
             return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
         return cuda_free
-    return lambda: _available_bytes() // ranks_sharing
+    return lambda: _proc_bytes("/proc/meminfo", "MemAvailable:") // ranks_sharing
 
 
 @contextlib.contextmanager
@@ -72,10 +66,10 @@ def peak_growth(device: torch.device) -> Iterator[list[int]]:
     # Freed memory that malloc keeps resident would be reused without growing the RSS: give it
     # back first, so that the growth counts everything the block allocates.
     _LIBC.malloc_trim(0)
-    before = _status_bytes("VmRSS:")
+    before = _proc_bytes("/proc/self/status", "VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
     yield measured
-    measured.append(max(0, _status_bytes("VmHWM:") - before))
+    measured.append(max(0, _proc_bytes("/proc/self/status", "VmHWM:") - before))
 
 
 @dataclasses.dataclass
