@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="capture UNet steps as CUDA graphs (default: on for gpu; cpu cannot)",
     )
+    engine.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="compile the UNet with torch.compile at load, for the warm-up sizes (default off)",
+    )
     requests = parser.add_argument_group("requests")
     requests.add_argument(
         "--min-resolution",
@@ -267,6 +272,7 @@ def unet_stage_config(
                 dtype=args.unet_dtype,
                 comm_batch_size=args.comm_batch_size,
                 cuda_graphs=args.cuda_graphs,
+                compile=args.compile,
             ),
             device=placement.device,
         )

@@ -66,6 +66,8 @@ class DistriConfig:
         comm_batch_size: how many exchanged tensors share one asynchronous all-gather.
         cuda_graphs: capture the warm-up, steady and last steps as CUDA graphs (None: on for CUDA,
             where eager band steps are bound by kernel launches; CUDA only).
+        compile: compile each band's UNet with ``torch.compile`` (inductor: C++ on the CPU, Triton
+            kernels on CUDA), one graph per input shape; combines with ``cuda_graphs``.
     """
 
     mode: Mode | str = Mode.CORRECTED_ASYNC_GN
@@ -75,6 +77,7 @@ class DistriConfig:
     device: str = "cpu"
     comm_batch_size: int = 60
     cuda_graphs: bool | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -98,6 +101,8 @@ class DistriConfig:
             raise ConfigError(f"comm_batch_size: must be an integer >= 1, got {self.comm_batch_size!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs: must be true or false, got {self.cuda_graphs!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile: must be true or false, got {self.compile!r}")
         if self.cuda_graphs and self.device != "cuda":
             raise ConfigError("cuda_graphs: CUDA graphs need device='cuda'")
 

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -52,11 +53,24 @@ class GenerationInfo:
 class StepRecord:
     """One UNet evaluation of the current generation, as this rank saw it."""
 
-    def __init__(self, step: int, phase: str, started: Any, ended: Any, communication: ExchangeStats) -> None:
+    def __init__(
+        self,
+        step: int,
+        phase: str,
+        started: Any,
+        ended: Any,
+        communication: ExchangeStats,
+        compiled: bool = False,
+        new_graphs: int = 0,
+    ) -> None:
         self.step = step
         self.phase = phase
         """"warmup" (synchronous exchanges), "steady" (asynchronous) or "last" (asynchronous, nothing sent)."""
         self.communication = communication
+        self.compiled = compiled
+        """Whether the band's UNet ran as compiled by ``torch.compile``."""
+        self.new_graphs = new_graphs
+        """Graphs ``torch.compile`` compiled during this step (a compile or a recompile)."""
         self._marks = (started, ended)
         self._seconds: float | None = None
 
@@ -88,6 +102,10 @@ class DistriUNet(nn.Module):
     ``topology``: the ranks (default: the default process group). ``collective``: what runs the
     all-gathers (default: torch.distributed). ``graphs``: how steps are captured when
     ``config.cuda_graphs`` is set (default: CUDA graphs).
+
+    With ``config.compile`` the band's UNet runs compiled by ``torch.compile``, one graph per input
+    shape and layout. A shape not yet compiled is compiled on its first step while
+    :attr:`compile_new_shapes` is set, else it runs eager.
     """
 
     def __init__(
@@ -117,6 +135,14 @@ class DistriUNet(nn.Module):
         self.graphs = graphs if graphs is not None else (StepGraphs() if config.cuda_graphs else None)
         """The captured step plans (None: every step runs eagerly)."""
         _make_patch_parallel(unet, self.context)
+        # A function, not a module attribute: the compiled wrapper must not register the UNet twice.
+        self._compiled_forward = (
+            torch.compile(unet.forward, dynamic=False, fullgraph=True) if config.compile else None
+        )
+        self.compile_new_shapes = True
+        """With ``config.compile``: compile a shape that has not run compiled yet (False: run it
+        eager; a server compiles its warm-up sizes at load and no request waits for a compile)."""
+        self._compiled_shapes: set[tuple] = set()
 
     def __getattr__(self, name: str) -> Any:
         # Pipelines read the UNet's config, dtype, add_embedding, ...: answer for the wrapped model.
@@ -147,6 +173,7 @@ class DistriUNet(nn.Module):
             for exchange in self._exchanges.values():
                 exchange.drain()
         self._exchanges.clear()
+        self._compiled_shapes.clear()
         if self.graphs is not None:
             self.graphs.clear()
         self.topology = topology
@@ -182,22 +209,52 @@ class DistriUNet(nn.Module):
         ctx.exchange = self._exchange(group, shape_key)
         ctx.total_steps = self._generation.num_timesteps if self._generation is not None else None
 
-        step = functools.partial(self._step, group, layout)
+        band_unet = self._band_unet(shape_key)
+        step = functools.partial(self._step, group, layout, band_unet)
         inputs = (sample, timestep, encoder_hidden_states, args, kwargs)
         phase, started, stats_before = self._phase(), _mark(sample.device), self.stats.snapshot()
+        graphs_before = self._graphs_compiled()
         if self.graphs is not None and self._graphable():
             noise = self.graphs.run(shape_key, phase, step, inputs, self.host_calls)
         else:
             noise = step(*inputs)
         ended = _mark(sample.device)
-        self.steps.append(StepRecord(ctx.step, phase, started, ended, self.stats.since(stats_before)))
+        self.steps.append(
+            StepRecord(
+                ctx.step,
+                phase,
+                started,
+                ended,
+                self.stats.since(stats_before),
+                compiled=band_unet is not self.unet,
+                new_graphs=self._graphs_compiled() - graphs_before,
+            )
+        )
         ctx.step += 1
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+    def _graphs_compiled(self) -> int:
+        if self._compiled_forward is None:
+            return 0
+        from torch._dynamo.utils import counters  # imported once torch.compile is in use
+
+        # Every torch.compile of this process counts here; only this UNet compiles during its step.
+        return counters["stats"]["unique_graphs"]
+
+    def _band_unet(self, shape_key: tuple) -> Callable[..., Any]:
+        if self._compiled_forward is None:
+            return self.unet
+        if shape_key not in self._compiled_shapes:
+            if not self.compile_new_shapes:
+                return self.unet
+            self._compiled_shapes.add(shape_key)
+        return self._compiled_forward
 
     def _step(
         self,
         group: PatchGroup,
         layout: BandLayout,
+        band_unet: Callable[..., Any],
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
@@ -209,7 +266,7 @@ class DistriUNet(nn.Module):
             sample, timestep, encoder_hidden_states, args, kwargs = _batch_half(
                 (sample, timestep, encoder_hidden_states, args, kwargs), group.batch_part, sample.shape[0]
             )
-        band = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        band = band_unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
         exchange = self.context.exchange
         if exchange is not None:
             exchange.end_step()

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="capture UNet steps as CUDA graphs (default: on for cuda; cpu cannot)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile each rank's UNet with torch.compile (inductor)"
+    )
     parser.add_argument("--ranks", type=int, default=1, help="local ranks to start when not under torchrun")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="default: ./outputs")
     return parser
@@ -56,6 +59,7 @@ def distri_config(args: argparse.Namespace) -> DistriConfig:
         dtype=args.dtype,
         device=args.device,
         cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
     )
 
 

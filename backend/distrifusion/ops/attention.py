@@ -11,20 +11,19 @@ as diffusers' ``AttnProcessor2_0`` does.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ..config import Mode
-from ..context import PatchContext
+from ..context import ExchangingLayer, PatchContext
 
 
 class PatchAttnProcessor:
     def __init__(self, context: PatchContext, key: str):
         self.context = context
         self.key = key
+        self._shared = {name: _WholeImageTokens(context, f"{key}.{name}") for name in ("key", "value")}
         # Per text shape (the batch size changes with dynamic batching): never replaced, only
         # refilled, so that its address stays what the step graphs of that shape captured.
         self._text_key_value: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -83,13 +82,15 @@ class PatchAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _cross_key_value(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # Recomputed at every step: the cache would compile the step twice (first step and the
+            # rest) to save two projections of the 77 text tokens, a small part of a band's work.
+            return self._text_projections(attn, text)
         shape = (text.shape, text.dtype, text.device)
         cached = self._text_key_value.get(shape)
         if self.context.step > 0 and cached is not None:
             return cached
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
-        key, value = attn.to_k(text), attn.to_v(text)
+        key, value = self._text_projections(attn, text)
         if cached is None:
             self._text_key_value[shape] = key, value
             return key, value
@@ -107,10 +108,20 @@ class PatchAttnProcessor:
         # Two slots rather than one concatenated tensor: each band's keys and values are copied
         # once into the exchange instead of three times (concatenate, pad, send), and the whole
         # image's keys and values come out contiguous for the attention kernel.
-        return tuple(
-            ctx.exchanged(f"{self.key}.{name}", self._padded(own), functools.partial(self._whole_image, own))
-            for name, own in (("key", key), ("value", value))
-        )
+        return tuple(self._shared[name].whole_image(own) for name, own in (("key", key), ("value", value)))
+
+    @staticmethod
+    def _text_projections(attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        return attn.to_k(text), attn.to_v(text)
+
+
+class _WholeImageTokens(ExchangingLayer):
+    """The keys (or values) of every band, in single-device token order, from this band's own."""
+
+    def whole_image(self, own: torch.Tensor) -> torch.Tensor:
+        return self.exchanged(self._padded(own), own)
 
     def _padded(self, own: torch.Tensor) -> torch.Tensor:
         # All-gathers need one shape on every rank; bands can differ in height by a row.
@@ -118,8 +129,11 @@ class PatchAttnProcessor:
         missing = layout.max_band_height(level) * (layout.width >> level) - own.shape[1]
         return F.pad(own, (0, 0, 0, missing)) if missing else own
 
-    def _whole_image(self, own: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
+    ) -> torch.Tensor:
         # gathered: [bands, batch, max band tokens, inner dim]
+        assert own is not None
         ctx, level = self.context, self._level(own)
         width = ctx.layout.width >> level
         parts = [

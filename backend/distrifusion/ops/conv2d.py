@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Mode
-from ..context import PatchContext
+from ..context import ExchangingLayer, PatchContext
 
 
-class PatchConv2d(nn.Module):
+class PatchConv2d(nn.Module, ExchangingLayer):
     """Wraps an ``nn.Conv2d`` with kernel height > 1 (or the UNet's input convolution).
 
     The input convolution sees the full, replicated latent and cuts its own rows plus the padding
@@ -20,14 +20,13 @@ class PatchConv2d(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, context: PatchContext, key: str, replicated_input: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise NotImplementedError(f"{key}: only numeric zero padding is patch-parallel")
         if not replicated_input and conv.padding[0] == 0:
             raise NotImplementedError(f"{key}: a convolution taller than 1 row needs padding rows")
         self.conv = conv
-        self.context = context
-        self.key = key
+        ExchangingLayer.__init__(self, context, key)
         self.replicated_input = replicated_input
 
     @property
@@ -44,7 +43,7 @@ class PatchConv2d(nn.Module):
             padded = F.pad(x, (0, 0, self.halo, self.halo))
         else:
             edges = torch.stack([x[:, :, : self.halo], x[:, :, -self.halo :]])
-            padded = ctx.exchanged(self.key, edges, lambda gathered: self._with_neighbour_rows(x, gathered))
+            padded = self.exchanged(edges, x)
         conv = self.conv
         return F.conv2d(
             padded, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups
@@ -58,10 +57,14 @@ class PatchConv2d(nn.Module):
         missing_bottom = max(end + self.halo - full.shape[2], 0)
         return F.pad(rows, (0, 0, missing_top, missing_bottom))
 
-    def _with_neighbour_rows(self, x: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
+    ) -> torch.Tensor:
+        """``own`` (this band's input) with the neighbours' rows above and below it."""
         # gathered: [bands, 2 (top rows, bottom rows), batch, channels, halo, width]
+        assert own is not None
         band, last = self.context.band, self.context.layout.num_bands - 1
-        zeros = x.new_zeros((*x.shape[:2], self.halo, x.shape[3]))
+        zeros = own.new_zeros((*own.shape[:2], self.halo, own.shape[3]))
         above = gathered[band - 1, 1] if band > 0 else zeros
         below = gathered[band + 1, 0] if band < last else zeros
-        return torch.cat([above, x, below], dim=2)
+        return torch.cat([above, own, below], dim=2)

@@ -31,6 +31,10 @@ class DenoiseRequest:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None = None
+    compile_new_shape: bool = False
+    """With a compiled engine: compile this size if it has not run compiled yet (the warm-up).
+    Otherwise a size that was not warmed up runs eager: a compile takes minutes (the tiny UNet's
+    took 130 s on one CPU core), a stall every queued request and the client's timeout would see."""
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ def warmup_request(unet_config: Any, height: int, width: int, text_tokens: int, 
         width=width,
         num_inference_steps=steps,
         guidance_scale=5.0,
+        compile_new_shape=True,
     )
 
 
@@ -81,6 +86,7 @@ def run_denoise(
     """
     device = pipeline.unet.device
     dtype = pipeline.unet.dtype
+    pipeline.unet.compile_new_shapes = request.compile_new_shape
     result = pipeline(
         prompt_embeds=request.prompt_embeds.to(device, dtype),
         pooled_prompt_embeds=request.pooled_prompt_embeds.to(device, dtype),
