@@ -134,7 +134,9 @@ class ForeignCpu:
 # --------------------------------------------------------------------------------------------------
 # Waiting for an idle machine
 
-BENCHMARK_PROCESSES = "cpu_patch_parallel|serving_sweep|serving_overhead|soak.py|gpu_sdxl_unet|pytest"
+BENCHMARK_PROCESSES = (
+    "cpu_patch_parallel|cpu_compiled_unet|serving_sweep|serving_overhead|soak.py|gpu_sdxl_unet|pytest"
+)
 """A pgrep pattern for the command lines of benchmarks and test runs (they would share the CPUs)."""
 
 

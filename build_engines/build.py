@@ -148,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument(
         "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="compile the UNet with torch.compile at load, for the warm-up sizes (default off)",
+        nargs="?",
+        const=True,
+        metavar="BACKEND",
+        help="compile the UNet with torch.compile at load, for the warm-up sizes (backend default: "
+        "inductor; default off)",
     )
     requests = parser.add_argument_group("requests")
     requests.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,9 @@ from distrifusion.exchange import Exchange
 from distrifusion.geometry import BandLayout
 from distrifusion.ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from distrifusion.pipeline import DistriPipeline
+
+COMPILE_BACKEND = os.environ.get("DISTRIFUSION_TEST_COMPILE_BACKEND", "aot_eager")
+"""The torch.compile backend of the compiled cases (see tests/test_compiled_unet.py)."""
 
 
 def run_jobs(jobs: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
@@ -153,3 +157,30 @@ def step_communication(model_dir: str, steps: int, warmup_steps: int) -> list[li
             [(r.phase, r.communication.collectives, r.communication.bytes_sent) for r in records]
         )
     return generations
+
+
+def compiled_against_eager(
+    model_dir: str, modes: list[str], call: dict[str, Any], backend: str
+) -> dict[str, dict]:
+    """Per mode: ``call``'s latents eager and compiled (``DistriConfig(compile=backend)``), and what
+    the compiled pipeline's steps recorded in that first generation and in a second one of the call."""
+    results = {}
+    for mode in modes:
+        config = {"mode": mode, "warmup_steps": 1}
+        eager = DistriPipeline.from_pretrained(model_dir, DistriConfig(**config))(
+            **call, output_type="latent"
+        )
+        compiled = DistriPipeline.from_pretrained(model_dir, DistriConfig(**config, compile=backend))
+        generations = []
+        for _ in range(2):
+            output = compiled(**call, output_type="latent")
+            generations.append(
+                {
+                    "phases": [record.phase for record in compiled.unet.steps],
+                    "compiled": [record.compiled for record in compiled.unet.steps],
+                    "new_graphs": [record.new_graphs for record in compiled.unet.steps],
+                    "latents": None if output is None else output.latents,
+                }
+            )
+        results[mode] = {"eager": None if eager is None else eager.latents, "compiled": generations}
+    return results

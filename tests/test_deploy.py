@@ -818,3 +818,43 @@ def test_entrypoint_checks_the_repository_and_sizes_the_cuda_pool(tmp_path: Path
         [entrypoint, "echo", "hello"], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.stdout == "hello\n"
+
+
+def test_the_compile_cache_component_mounts_a_shared_inductor_cache_and_builds_compiled(
+    tools: Path, tmp_path: Path
+) -> None:
+    overlay = tmp_path / "gpu-compiled"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        # kustomize takes only relative paths
+        f"resources:\n  - {os.path.relpath(DEPLOY / 'overlays' / 'gpu-h100-4x', overlay)}\n"
+        f"components:\n  - {os.path.relpath(DEPLOY / 'components' / 'compile-cache', overlay)}\n"
+    )
+    result = subprocess.run(
+        [str(tools / "kubectl"), "kustomize", "--load-restrictor=LoadRestrictionsNone", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    pod, server = _server(objects)
+    env = {item["name"]: item.get("value") for item in server["env"]}
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "compile-cache"]
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == mount["mountPath"] and not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "compile-cache"]
+    claim = _one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica reads what one compiled
+    job = _one(objects, "Job", "sdxl-build-engines")
+    assert "--compile" in _container(job["spec"]["template"]["spec"], "build-engines")["args"]
+    rendered_file = tmp_path / "gpu-compiled.yaml"
+    rendered_file.write_text(result.stdout)
+    validated = subprocess.run(
+        [str(tools / "kubernetes-validate"), "--strict", "--kubernetes-version", KUBERNETES_VERSIONS[-1],
+         str(rendered_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert validated.returncode == 0, validated.stdout + validated.stderr

@@ -50,6 +50,10 @@ def test_size_must_divide_by_the_downsampling() -> None:
         ({"dtype": "fp8"}, r"dtype: unknown dtype 'fp8'; allowed: fp32, fp16, bf16"),
         ({"device": "tpu"}, r"device: must be 'cpu' or 'cuda'"),
         ({"cuda_graphs": True}, r"cuda_graphs: CUDA graphs need device='cuda'"),
+        (
+            {"compile": "yes"},
+            r"compile: unknown torch.compile backend .yes.; allowed: true, false, aot_eager",
+        ),
     ],
 )
 def test_invalid_configuration_is_named(kwargs: dict, message: str) -> None:
@@ -114,6 +118,25 @@ def test_corrected_group_norm_never_uses_a_negative_variance() -> None:
     output = PatchGroupNorm(norm, context, "gn")(x)
     assert torch.isfinite(output).all()
     torch.testing.assert_close(output, norm(x))  # fell back to this band's own exact statistics
+
+
+def test_group_norm_retiles_its_affine_map_when_the_weights_change() -> None:
+    torch.manual_seed(3)
+    norm = nn.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3, 6)
+    layout = BandLayout.split(height=6, width=6, num_bands=2, levels=1)
+    context = PatchContext(DistriConfig(mode=Mode.SEPARATE_GN), layout=layout, band=0)
+    patched = PatchGroupNorm(norm, context, "gn")
+    own_statistics = nn.GroupNorm(2, 4)  # separate_gn: this band's statistics, the same affine map
+    own_statistics.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(patched(x), own_statistics(x))
+    with torch.no_grad():
+        norm.weight.mul_(3)  # in place: the tiled copy must not be reused
+        own_statistics.weight.mul_(3)
+    torch.testing.assert_close(patched(x), own_statistics(x))
+    norm.load_state_dict({"weight": torch.full((4,), 0.5), "bias": torch.ones(4)})
+    own_statistics.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(patched(x), own_statistics(x))
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,10 @@ class DistriConfig:
         comm_batch_size: how many exchanged tensors share one asynchronous all-gather.
         cuda_graphs: capture the warm-up, steady and last steps as CUDA graphs (None: on for CUDA,
             where eager band steps are bound by kernel launches; CUDA only).
-        compile: compile each band's UNet with ``torch.compile`` (inductor: C++ on the CPU, Triton
-            kernels on CUDA), one graph per input shape; combines with ``cuda_graphs``.
+        compile: compile each band's UNet with ``torch.compile``, one graph per input shape; combines
+            with ``cuda_graphs``. True means "inductor" (C++ on the CPU, Triton kernels on CUDA);
+            another backend name is passed on ("aot_eager": dynamo's graph run by PyTorch's own
+            kernels, the compiled engine's logic in seconds instead of inductor's minutes).
     """
 
     mode: Mode | str = Mode.CORRECTED_ASYNC_GN
@@ -77,7 +79,7 @@ class DistriConfig:
     device: str = "cpu"
     comm_batch_size: int = 60
     cuda_graphs: bool | None = None
-    compile: bool = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         try:
@@ -101,8 +103,21 @@ class DistriConfig:
             raise ConfigError(f"comm_batch_size: must be an integer >= 1, got {self.comm_batch_size!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs: must be true or false, got {self.cuda_graphs!r}")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile: must be true or false, got {self.compile!r}")
+        if self.compile is True:
+            object.__setattr__(self, "compile", "inductor")
+        if isinstance(self.compile, str):
+            import torch._dynamo  # only for a compiled engine: its import takes a second
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise ConfigError(
+                    f"compile: unknown torch.compile backend {self.compile!r}; allowed: true, false, "
+                    + ", ".join(backends)
+                )
+        elif self.compile is not False:
+            raise ConfigError(
+                f"compile: must be true, false or a torch.compile backend, got {self.compile!r}"
+            )
         if self.cuda_graphs and self.device != "cuda":
             raise ConfigError("cuda_graphs: CUDA graphs need device='cuda'")
 

@@ -77,7 +77,8 @@ class ExchangingLayer:
     every band shared with its own input (``own``) in :meth:`combine`.
 
     Eager, :meth:`exchanged` runs the exchange at once; inside ``torch.compile`` it is one call of
-    the opaque ``distrifusion::exchange`` operator, which runs the same exchange at run time.
+    the opaque ``distrifusion::exchange`` operator, which runs the same exchange at run time (see
+    :func:`distrifusion.exchange_op.running`).
     """
 
     always_fresh = False
@@ -86,7 +87,6 @@ class ExchangingLayer:
     def __init__(self, context: PatchContext, key: str) -> None:
         self.context = context
         self.key = key
-        self._handle = exchange_op.register(self)
 
     def combine(
         self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
@@ -95,7 +95,7 @@ class ExchangingLayer:
 
     def exchanged(self, fresh: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.distrifusion.exchange(self._handle, fresh, own)
+            return exchange_op.exchange(self.key, fresh, own)
         return self.exchange_now(fresh, own)
 
     def exchange_now(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:

@@ -8,22 +8,21 @@ every band shared) is one call of ``distrifusion::exchange``: the compiler sees 
 known output shape and traces the whole UNet as one graph around it; the call runs the same Python
 as the eager step, so what is sent, when, and what is waited for is identical.
 
-The operator is registered as an ordered side effect: the exchange records its batches in call
-order and launches a batch when its last key is shared, so the compiler must neither drop nor
-reorder the calls.
+The calls must stay in program order (see ``_CALL_ORDER``), which a mutated argument ensures:
+inductor's cache does not store graphs with ordered side effects (``with_effects``), and without a
+cache every restarted server would compile again.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import torch
-from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
 
 
-class ExchangingLayer(Protocol):
+class Exchanging(Protocol):
     def exchange_now(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
         """Shares ``fresh`` and returns the layer's combination of what every band shared."""
         ...
@@ -33,25 +32,41 @@ class ExchangingLayer(Protocol):
         ...
 
 
-_LAYERS: weakref.WeakValueDictionary[int, ExchangingLayer] = weakref.WeakValueDictionary()
-_NEXT_ID = itertools.count()
+_RUNNING: Mapping[str, Exchanging] = {}
 
 
-def register(layer: ExchangingLayer) -> int:
-    """The handle a compiled graph calls ``layer`` by (never reused, unlike ``id``)."""
-    handle = next(_NEXT_ID)
-    _LAYERS[handle] = layer
-    return handle
+@contextlib.contextmanager
+def running(layers: Mapping[str, Exchanging]) -> Iterator[None]:
+    """While inside, ``distrifusion::exchange`` calls reach ``layers`` (by key): the UNet whose
+    step runs. A graph names its layers by key only, so the graphs of two UNets of the same shape
+    are the same graph, which inductor's cache compiles once (another mode, another process)."""
+    global _RUNNING
+    outer, _RUNNING = _RUNNING, layers
+    try:
+        yield
+    finally:
+        _RUNNING = outer
 
 
-@torch.library.custom_op("distrifusion::exchange", mutates_args=())
-def exchange(layer: int, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-    return _LAYERS[layer].exchange_now(fresh, own)
+# Every call "mutates" this tensor (it is never written): a chain of data dependencies that keeps
+# the calls in program order through functionalization and inductor's scheduling. The ranks issue
+# their collectives in this order, and each rank compiles its own graph; two ranks whose graphs
+# swapped two same-sized exchanges would gather each other's wrong tensors.
+_CALL_ORDER = torch.zeros(())
 
 
-@exchange.register_fake
-def _(layer: int, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-    return _LAYERS[layer].combined_like(fresh, own)
+@torch.library.custom_op("distrifusion::exchange", mutates_args=("call_order",))
+def _exchange(
+    key: str, fresh: torch.Tensor, own: torch.Tensor | None, call_order: torch.Tensor
+) -> torch.Tensor:
+    return _RUNNING[key].exchange_now(fresh, own)
 
 
-_register_effectful_op(torch.ops.distrifusion.exchange.default, _EffectType.ORDERED)
+@_exchange.register_fake
+def _(key: str, fresh: torch.Tensor, own: torch.Tensor | None, call_order: torch.Tensor) -> torch.Tensor:
+    return _RUNNING[key].combined_like(fresh, own)
+
+
+def exchange(key: str, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    """The exchange of the running UNet's layer ``key``, as one operator of the compiled graph."""
+    return _exchange(key, fresh, own, _CALL_ORDER)

@@ -20,9 +20,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from torch import nn
 
+from . import exchange_op
 from .collectives import Collective, HostCalls, ProcessGroupCollective
 from .config import DistriConfig, Mode
-from .context import PatchContext
+from .context import ExchangingLayer, PatchContext
 from .cuda_graphs import StepGraphs
 from .exchange import Exchange, ExchangeStats, gather_now
 from .geometry import BandLayout
@@ -134,10 +135,12 @@ class DistriUNet(nn.Module):
         self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
         self.graphs = graphs if graphs is not None else (StepGraphs() if config.cuda_graphs else None)
         """The captured step plans (None: every step runs eagerly)."""
-        _make_patch_parallel(unet, self.context)
+        self._exchanging_layers = _make_patch_parallel(unet, self.context)
         # A function, not a module attribute: the compiled wrapper must not register the UNet twice.
         self._compiled_forward = (
-            torch.compile(unet.forward, dynamic=False, fullgraph=True) if config.compile else None
+            torch.compile(unet.forward, backend=config.compile, dynamic=False, fullgraph=True)
+            if config.compile
+            else None
         )
         self.compile_new_shapes = True
         """With ``config.compile``: compile a shape that has not run compiled yet (False: run it
@@ -214,10 +217,11 @@ class DistriUNet(nn.Module):
         inputs = (sample, timestep, encoder_hidden_states, args, kwargs)
         phase, started, stats_before = self._phase(), _mark(sample.device), self.stats.snapshot()
         graphs_before = self._graphs_compiled()
-        if self.graphs is not None and self._graphable():
-            noise = self.graphs.run(shape_key, phase, step, inputs, self.host_calls)
-        else:
-            noise = step(*inputs)
+        with exchange_op.running(self._exchanging_layers):
+            if self.graphs is not None and self._graphable():
+                noise = self.graphs.run(shape_key, phase, step, inputs, self.host_calls)
+            else:
+                noise = step(*inputs)
         ended = _mark(sample.device)
         self.steps.append(
             StepRecord(
@@ -326,12 +330,16 @@ class DistriUNet(nn.Module):
         self.stats.output_gather_seconds += seconds
 
 
-def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> None:
-    """Swaps the operators that need other bands for their patch-parallel versions."""
+def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> dict[str, ExchangingLayer]:
+    """Swaps the operators that need other bands for their patch-parallel versions; returns every
+    exchanging layer by its key."""
     replacements: list[tuple[str, nn.Module]] = []
+    exchanging: list[ExchangingLayer] = []
     for name, module in unet.named_modules():
         if isinstance(module, Attention):
-            module.set_processor(PatchAttnProcessor(context, name))
+            processor = PatchAttnProcessor(context, name)
+            module.set_processor(processor)
+            exchanging += processor.shared
         elif isinstance(module, nn.GroupNorm):
             replacements.append((name, PatchGroupNorm(module, context, name)))
         elif isinstance(module, nn.Conv2d) and (name == "conv_in" or module.kernel_size[0] > 1):
@@ -341,6 +349,8 @@ def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> N
     for name, replacement in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name), child, replacement)
+        exchanging.append(replacement)
+    return {layer.key: layer for layer in exchanging}
 
 
 def _batch_half(value: Any, part: int, full_batch: int) -> Any:

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture UNet steps as CUDA graphs (default: on for cuda; cpu cannot)",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="compile each rank's UNet with torch.compile (inductor)"
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="compile each rank's UNet with torch.compile (default backend: inductor)",
     )
     parser.add_argument("--ranks", type=int, default=1, help="local ranks to start when not under torchrun")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="default: ./outputs")

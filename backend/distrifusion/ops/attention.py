@@ -110,6 +110,11 @@ class PatchAttnProcessor:
         # image's keys and values come out contiguous for the attention kernel.
         return tuple(self._shared[name].whole_image(own) for name, own in (("key", key), ("value", value)))
 
+    @property
+    def shared(self) -> list[ExchangingLayer]:
+        """What this processor exchanges: the whole image's keys and values."""
+        return list(self._shared.values())
+
     @staticmethod
     def _text_projections(attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if attn.norm_cross:

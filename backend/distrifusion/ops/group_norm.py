@@ -76,6 +76,7 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         nn.Module.__init__(self)
         self.norm = norm
         ExchangingLayer.__init__(self, context, key)
+        self._tiled_affine: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def always_fresh(self) -> bool:
@@ -102,6 +103,23 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         merged[self.context.band] = fresh
         return merge_moments(merged)
 
+    def _per_sample_affine(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine weight and bias in fp32, tiled once per sample (``[batch * channels]``)."""
+        weight, bias = self.norm.weight, self.norm.bias
+        if torch.compiler.is_compiling():  # inductor folds the tiling into the kernel's indexing
+            return weight.float().repeat(batch), bias.float().repeat(batch)
+        # Cached per batch size: two kernels fewer per layer and step. Keyed by the parameters'
+        # storage and version counters: moving, loading or editing the weights re-tiles them.
+        key = (batch, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+        cached = self._tiled_affine.get(batch)
+        if cached is None or cached[0] != key:
+            cached = self._tiled_affine[batch] = (
+                key,
+                weight.float().repeat(batch),
+                bias.float().repeat(batch),
+            )
+        return cached[1], cached[2]
+
     def _normalize(self, x: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """``x`` normalised with ``moments`` ``[2, batch, groups]`` (mean, variance) and the affine map.
 
@@ -111,9 +129,7 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         batch, groups = moments.shape[1:]
         channels = self.norm.num_channels
         mean, variance = moments.float().repeat_interleave(channels // groups, dim=2).view(2, -1)
-        weight = bias = None
-        if self.norm.affine:
-            weight, bias = self.norm.weight.float().repeat(batch), self.norm.bias.float().repeat(batch)
+        weight, bias = self._per_sample_affine(batch) if self.norm.affine else (None, None)
         normalized = F.batch_norm(
             x.reshape(1, batch * channels, -1),
             mean,

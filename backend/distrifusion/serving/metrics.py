@@ -44,6 +44,16 @@ METRICS = (
     MetricSpec(
         "distrifusion_unet_steps_total", "UNet steps, by phase (warmup: synchronous; async)", "counter"
     ),
+    MetricSpec(
+        "distrifusion_unet_compiled_steps_total",
+        "UNet steps that ran compiled by torch.compile (the rest of a compiled engine's ran eager)",
+        "counter",
+    ),
+    MetricSpec(
+        "distrifusion_unet_compiles_total",
+        "Graphs torch.compile compiled while serving (a recompile; the warm-up's are not counted)",
+        "counter",
+    ),
     MetricSpec("distrifusion_images_total", "Images whose latents the UNet stage finished", "counter"),
     MetricSpec("distrifusion_failures_total", "Failed UNet-stage requests, by kind", "counter"),
     MetricSpec("distrifusion_live_ranks", "Live ranks of this instance's patch-parallel group", "gauge"),
@@ -131,6 +141,10 @@ def observations(steps: Iterable[StepRecord], outcomes: Iterable[object]) -> lis
             )
         )
         added.append(Observation("distrifusion_unet_steps_total", 1, phase))
+        if step.compiled:
+            added.append(Observation("distrifusion_unet_compiled_steps_total", 1))
+        if step.new_graphs:
+            added.append(Observation("distrifusion_unet_compiles_total", step.new_graphs))
     for outcome in outcomes:
         kind = failure_kind(outcome)
         if kind is None:
