@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": vars(settings) | {"mode": MODE, "backend": args.backend},
         "results": {
             label: {
-                key: value if key == "relative_error" else {k: v for k, v in run.items() if k != "latents"}
+                key: value if key == "relative_error" else {k: v for k, v in value.items() if k != "latents"}
                 for key, value in runs.items()
             }
             for label, runs in results.items()

@@ -1,14 +1,15 @@
 """Where a band's step time goes on one GPU: CUDA kernels of the plain UNet on a band-tall latent
 against the engine's simulated band (band 1 of 2, steady asynchronous state), SDXL UNet, fp16, 1024².
 
-    python benchmarks/gpu_band_kernels.py      # on the GPU machine, about 30 s
+    python benchmarks/gpu_band_kernels.py [--compile inductor]     # on the GPU machine, about 30 s
 
-Eager, under torch.profiler; prints the kernel count and summed kernel time of each, and the kernels
+Eager (or both compiled by ``torch.compile`` with ``--compile``), under torch.profiler; prints the kernel count and summed kernel time of each, and the kernels
 whose time grows most from the plain band to the engine's band.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 from collections.abc import Callable
 
@@ -39,18 +40,27 @@ def kernel_times(fn: Callable[[], torch.Tensor]) -> dict[str, list[float]]:
     return stats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compile", metavar="BACKEND", help="compile both with torch.compile")
+    backend = parser.parse_args(argv).compile
     device = torch.device("cuda", 0)
     torch.backends.cudnn.benchmark = True
     unet = build_unet(SDXL_BASE_UNET_CONFIG, device, torch.float16, seed=0)
     inputs = make_inputs(SDXL_BASE_UNET_CONFIG, RESOLUTION, device, torch.float16, seed=0)
     band_inputs = dict(inputs, sample=inputs["sample"][:, :, :BAND_ROWS].contiguous())
-    plain = kernel_times(lambda: call_unet(unet, band_inputs))
+    plain_unet = torch.compile(unet, backend=backend, dynamic=False, fullgraph=True) if backend else unet
+    plain = kernel_times(lambda: call_unet(plain_unet, band_inputs))
 
     engine = simulated_band_unet(
         unet,
         DistriConfig(
-            mode="corrected_async_gn", warmup_steps=4, dtype="fp16", device="cuda", cuda_graphs=False
+            mode="corrected_async_gn",
+            warmup_steps=4,
+            dtype="fp16",
+            device="cuda",
+            cuda_graphs=False,
+            compile=backend or False,
         ),
     )
     simulate(engine, 2, 1)

@@ -11,7 +11,9 @@ the GPU, and measures per UNet step (batch 2 = one prompt with classifier-free g
 
 1. the plain diffusers UNet;
 2. DistriUNet at 1 rank, eager, and with ``cuda_graphs=True`` (on CUDA);
-3. SIMULATED: the compute of one band of n = 2, 4, 8 bands in the steady (asynchronous) state.
+3. SIMULATED: the compute of one band of n = 2, 4, 8 bands in the steady (asynchronous) state
+   (with ``--compile``, also compiled by ``torch.compile``, with CUDA graphs; against the plain UNet
+   compiled, as one CUDA graph);
    One process (world 1) runs a DistriUNet whose topology says "n ranks, I am band r" and whose
    all-gathers are replaced by a local copy replicating this rank's tensor n times. The layers do
    exactly the work a rank of an n-GPU group does (its band, halos, full-image keys/values, moment
@@ -222,7 +224,8 @@ def captured_graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]
 
 def fastest_plain_s(entry: dict[str, Any]) -> float:
     """The 1-GPU baseline that speedups are against: plain diffusers, eager or one CUDA graph."""
-    return min(entry[key]["median_s"] for key in ("plain", "plain_cuda_graphs") if key in entry)
+    keys = ("plain", "plain_cuda_graphs", "plain_compiled")
+    return min(entry[key]["median_s"] for key in keys if key in entry)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +249,7 @@ class Args:
     collective_latency_us: float
     seed: int
     cuda_graphs: bool
+    compile: str | None
     budget_s: float
     started: float
 
@@ -264,13 +268,14 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def engine_config(args: Args, cuda_graphs: bool) -> DistriConfig:
+def engine_config(args: Args, cuda_graphs: bool, compile: str | None = None) -> DistriConfig:
     return DistriConfig(
         mode=args.mode,
         warmup_steps=args.warmup_steps,
         dtype=args.dtype_name,
         device=args.device.type,
         cuda_graphs=cuda_graphs,
+        compile=compile or False,
     )
 
 
@@ -470,13 +475,64 @@ def run(args: Args) -> dict[str, Any]:
         except (NotImplementedError, ConfigError, RuntimeError) as error:
             graphs["error"] = f"{type(error).__name__}: {error}"
             print(f"  CUDA graphs failed: {graphs['error']}", flush=True)
+    compiled = compiled_section(args, results, graphs_supported, skipped) if args.compile else None
     return {
         "unet_parameters": parameters,
         "build_seconds": build_s,
         "cuda_graphs": graphs,
+        "compiled": compiled,
         "resolutions": results,
         "skipped": skipped,
     }
+
+
+def compiled_section(
+    args: Args, results: dict[int, dict[str, Any]], graphs: bool, skipped: list[str]
+) -> dict[str, Any]:
+    """5. ``torch.compile`` (``args.compile``): the plain UNet compiled (as one CUDA graph where
+    graphs run), then the engine's simulated bands compiled (with its CUDA graphs); a fresh UNet."""
+    timer = Timer(args.device)
+    section: dict[str, Any] = {"backend": args.compile, "compile_seconds": {}}
+    try:
+        unet = build_unet(args.unet_config, args.device, args.dtype, args.seed)
+        plain = torch.compile(unet, backend=args.compile, dynamic=False, fullgraph=True)
+        for resolution, entry in results.items():
+            inputs = make_inputs(args.unet_config, resolution, args.device, args.dtype, args.seed)
+            started = time.perf_counter()
+            call_unet(plain, inputs)
+            if args.device.type == "cuda":
+                torch.cuda.synchronize()
+            section["compile_seconds"][f"plain {resolution}"] = time.perf_counter() - started
+
+            def compiled_step(inputs: dict[str, Any] = inputs, model: Any = plain) -> torch.Tensor:
+                return call_unet(model, inputs)
+
+            step = captured_graph(compiled_step) if graphs else compiled_step
+            entry["plain_compiled"] = median_seconds(timer, step, args.warmup_iters, args.iters)
+            print(f"  {resolution}^2 plain compiled: {entry['plain_compiled']['median_s'] * 1e3:.2f} ms/step")
+            del step, compiled_step
+        del plain
+        engine = simulated_band_unet(unet, engine_config(args, cuda_graphs=graphs, compile=args.compile))
+        for resolution, entry in results.items():
+            inputs = make_inputs(args.unet_config, resolution, args.device, args.dtype, args.seed)
+            entry["simulated_bands_compiled"] = {}
+            for world in args.bands:
+                if args.over_budget():
+                    skipped.append(f"{resolution}^2 {world} bands compiled (over budget)")
+                    continue
+                with contextlib.suppress(ConfigError):
+                    band = steady_band(engine, inputs, args, world, timer)
+                    band["projection"] = project(band, fastest_plain_s(entry), args)
+                    entry["simulated_bands_compiled"][world] = band
+                    print(
+                        f"  {resolution}^2 band {band['band_index']} of {world} (simulated, compiled): "
+                        f"{band['compute']['median_s'] * 1e3:.2f} ms/step",
+                        flush=True,
+                    )
+    except Exception as error:  # a backend that cannot compile this model: reported, not fatal
+        section["error"] = f"{type(error).__name__}: {error}"
+        print(f"  compiled runs failed: {section['error']}", flush=True)
+    return section
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,6 +555,7 @@ def table(report: dict[str, Any]) -> str:
             ("plain_cuda_graphs", "plain diffusers, 1 GPU, one CUDA graph"),
             ("distri_1_rank_eager", "DistriUNet 1 GPU, eager"),
             ("distri_1_rank_cuda_graphs", "DistriUNet 1 GPU, CUDA graphs"),
+            ("plain_compiled", "plain diffusers, 1 GPU, compiled (one CUDA graph on GPUs)"),
         ):
             if key in entry:
                 t = entry[key]["median_s"]
@@ -506,6 +563,7 @@ def table(report: dict[str, Any]) -> str:
         for key, label in (
             ("simulated_bands_eager", "eager"),
             ("simulated_bands_cuda_graphs", "CUDA graphs"),
+            ("simulated_bands_compiled", "compiled (+ CUDA graphs on GPUs)"),
         ):
             for world, band in entry.get(key, {}).items():
                 t = band["compute"]["median_s"]
@@ -567,6 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--collective-latency-us", type=float, default=20.0, help="fixed cost per collective")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="skip the CUDA-graph measurements")
+    parser.add_argument("--compile", metavar="BACKEND", help="also measure torch.compile (e.g. inductor)")
     parser.add_argument(
         "--budget-s", type=float, default=420.0, help="stop starting new measurements after this"
     )
@@ -619,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         collective_latency_us=ns.collective_latency_us,
         seed=ns.seed,
         cuda_graphs=not ns.no_cuda_graphs,
+        compile=ns.compile,
         budget_s=ns.budget_s,
         started=time.perf_counter(),
     )
