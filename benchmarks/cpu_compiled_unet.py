@@ -137,12 +137,13 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def server_starts(directory: Path, backend: str) -> dict[str, float]:
-    """Seconds from launch to ready: eager, compiled on an empty cache, compiled on that cache."""
+def server_starts(directory: Path, backend: str) -> dict[str, float | str]:
+    """Seconds from launch to ready (or why it never was): eager, compiled on an empty cache,
+    compiled again on that cache."""
     model = save_tiny_model(directory / "tiny-sdxl")
     build = [sys.executable, "-m", "build_engines", "--model", str(model), "--target", "cpu",
              "--unet-ranks", "2", "--warmup-resolutions", "256x256"]  # fmt: skip
-    starts: dict[str, float] = {}
+    starts: dict[str, float | str] = {}
     for label, flags in (
         ("eager", []),
         ("compiled, empty cache", ["--compile", backend]),
@@ -157,9 +158,15 @@ def server_starts(directory: Path, backend: str) -> dict[str, float]:
         try:
             server.wait_ready(seconds=3600)  # a cold compile takes longer than CpuServer's usual wait
             starts[label] = time.perf_counter() - started
+        except (RuntimeError, TimeoutError) as error:
+            # The server's own last error line: what an operator would see.
+            lines = [line for line in str(error).splitlines() if "rror" in line]
+            starts[label] = (
+                f"failed after {time.perf_counter() - started:.0f} s: {lines[-1][:300] if lines else error}"
+            )
         finally:
             server.stop()
-        log(f"server {label}: ready after {starts[label]:.0f} s")
+        log(f"server {label}: {starts[label]}")
     return starts
 
 
@@ -227,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     if starts:
         body += (
             "\n\nThe CPU tritonserver from launch to ready (tiny model, 2 UNet ranks, warm-up 256x256): "
-            + ", ".join(f"{label} {seconds:.0f} s" for label, seconds in starts.items())
+            + ", ".join(
+                f"{label} {seconds:.0f} s" if isinstance(seconds, float) else f"{label} {seconds}"
+                for label, seconds in starts.items()
+            )
             + "."
         )
     if not args.no_markdown:

@@ -553,6 +553,14 @@ def test_the_stage_config_round_trips_and_names_unknown_settings(tmp_path: Path)
         ({"faults": {"max_rebuild": 1}}, "faults.max_rebuild: unknown setting"),
         ({"faults": {"step_deadline_s": 0}}, "faults.step_deadline_s: must be a number of seconds > 0"),
         ({"faults": {"step_deadline_s": 500}}, "faults.collective_timeout_s: must exceed step_deadline_s"),
+        (
+            {"engine": {"compile": "xla"}},
+            "engine.compile: unknown torch.compile backend 'xla'; allowed: true",
+        ),
+        (
+            {"engine": {"compile": True}, "warmup": [[64 * n, 64] for n in range(1, 10)]},
+            "warmup: at most 8 sizes with engine.compile",
+        ),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             StageConfig.from_dict(broken)

@@ -33,6 +33,8 @@ STAGE_CONFIG_NAME = "stage_config.json"
 MODEL_DIRECTORY = "model"
 """The diffusers directory (unet/ and scheduler/) beside it."""
 
+_COMPILED_SIZES = 8
+"""torch._dynamo.config.recompile_limit's default: graphs one compiled function keeps, one per size."""
 _ENGINE_KEYS = tuple(field.name for field in dataclasses.fields(DistriConfig) if field.name != "device")
 
 
@@ -199,6 +201,11 @@ class StageConfig:
             ):
                 raise ConfigError(f"warmup: {width}x{height} is outside the sizes requests may ask for")
             sizes.append((width, height))
+        if self.engine.compile and len(sizes) > _COMPILED_SIZES:
+            raise ConfigError(
+                f"warmup: at most {_COMPILED_SIZES} sizes with engine.compile (torch.compile's "
+                f"recompile limit; the sizes beyond it would run eager), got {len(sizes)}"
+            )
         object.__setattr__(self, "warmup", tuple(sizes))
 
     @classmethod

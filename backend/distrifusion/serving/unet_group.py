@@ -195,10 +195,15 @@ class UNetGroup:
                     self._run(request, _never)
                 self.memory.record(_unet_rows(request), height, width, peak[0])
         except Exception as error:
-            hint = (
-                " (CUDA graphs are on: build with --no-cuda-graphs to serve eager, measured slower)"
-                if self.config.cuda_graphs
-                else ""
+            hint = "".join(
+                (
+                    " (CUDA graphs are on: build with --no-cuda-graphs to serve eager, measured slower)"
+                    if self.config.cuda_graphs
+                    else "",
+                    f" (torch.compile {self.config.compile} is on: build without --compile to serve eager)"
+                    if self.config.compile
+                    else "",
+                )
             )
             raise RuntimeError(f"warm-up at {width}x{height} failed{hint}: {error}") from error
 

@@ -8,6 +8,7 @@ returns per request its latents and seeds, or the error to report.
 from __future__ import annotations
 
 import dataclasses
+import locale
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -232,6 +233,11 @@ class UNetStage:
                 f"stage's settings are in {STAGE_CONFIG_NAME} (written by build_engines)"
             )
         config = StageConfig.from_json_file(os.path.join(version_directory, STAGE_CONFIG_NAME))
+        if config.engine.compile:
+            # Triton's stub embeds Python without applying the environment's locale: rank 0 (this
+            # process) decoded inductor's compiler output as ASCII and its compile failed at load
+            # ("'ascii' codec can't decode byte 0xe2"). The spawned ranks start with it applied.
+            locale.setlocale(locale.LC_CTYPE, "")
         tokens = next(t["dims"][0] for t in model_config["input"] if t["name"] == ENCODER_INPUTS[0])
         match = re.search(r"_(\d+)$", instance_name)
         instance = int(match.group(1)) if match else 0
