@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     faults.add_argument("--rebuild-window-s", type=float, help="the window of --max-rebuilds (default 600)")
     faults.add_argument("--collective-timeout-s", type=float, help="bound on every collective (default 300)")
+    faults.add_argument(
+        "--compile-deadline-s", type=float, help="deadline of a warm-up step that compiles (default 1800)"
+    )
     vae = parser.add_argument_group(
         "VAE stage (a latent decodes whole where it fits, else in tiles; default: derived from the VAE config)"
     )
@@ -312,6 +315,7 @@ def unet_stage_config(
                 max_rebuilds=args.max_rebuilds,
                 rebuild_window_s=args.rebuild_window_s,
                 collective_timeout_s=args.collective_timeout_s,
+                compile_deadline_s=args.compile_deadline_s,
             )
         )
         return StageConfig(

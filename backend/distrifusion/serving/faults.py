@@ -29,6 +29,9 @@ class FaultPolicy:
     ``step_deadline_s``: the floor of the per-step deadline; once a shape's steps were timed, the
     deadline is ``step_deadline_factor`` times the median step of its latest generation, if that
     is longer.
+    ``compile_deadline_s``: the deadline of a generation's first step when it compiles (the warm-up
+    of a compiled engine): inductor takes minutes a graph, and a rank waits in its first
+    collective for the slowest rank's compile.
     ``max_rebuilds`` failed rebuilds within ``rebuild_window_s`` seconds give up (the pod should
     then be restarted). ``collective_timeout_s`` bounds every collective of the process group.
     """
@@ -38,6 +41,7 @@ class FaultPolicy:
     max_rebuilds: int = 3
     rebuild_window_s: float = 600.0
     collective_timeout_s: float = 300.0
+    compile_deadline_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -53,7 +57,9 @@ class FaultPolicy:
                 f"the watchdog, not the collective's timeout, ends a hung step; got {self.collective_timeout_s}"
             )
 
-    def deadline(self, typical_step_s: float | None) -> float:
+    def deadline(self, typical_step_s: float | None, compiling: bool = False) -> float:
+        if compiling:
+            return max(self.compile_deadline_s, self.deadline(typical_step_s))
         if typical_step_s is None:
             return self.step_deadline_s
         return max(self.step_deadline_s, self.step_deadline_factor * typical_step_s)

@@ -68,6 +68,7 @@ class _Progress:
     at: float
     deadline_s: float
     typical_s: float | None
+    compiling: bool
 
 
 class UNetGroup:
@@ -246,7 +247,8 @@ class UNetGroup:
             self._heartbeat(step + 1, shape)
             injection.check_step(0, step)
 
-        self._heartbeat(0, shape)
+        # The first step compiles when a compiled engine warms up a size (and only then).
+        self._heartbeat(0, shape, compiling=bool(self.config.compile) and request.compile_new_shape)
         fault = None
         try:
             for worker in self._workers:
@@ -267,9 +269,10 @@ class UNetGroup:
             self._typical_step[shape] = statistics.median(steps)
         return result
 
-    def _heartbeat(self, step: int, shape: tuple) -> None:
+    def _heartbeat(self, step: int, shape: tuple, compiling: bool = False) -> None:
         typical = self._typical_step.get(shape)
-        self._progress = _Progress(step, time.monotonic(), self.policy.deadline(typical), typical)
+        deadline = self.policy.deadline(typical, compiling)
+        self._progress = _Progress(step, time.monotonic(), deadline, typical, compiling)
 
     def _fault_after(self, error: Exception) -> GroupFault:
         """The fault behind a failed generation: the watchdog's, if it names a lost rank within a
@@ -303,11 +306,14 @@ class UNetGroup:
             progress = self._progress
             if progress is not None and time.monotonic() - progress.at > progress.deadline_s:
                 stopped = next((w for w in self._workers if w.stopped()), None)
-                basis = (
-                    f"{self.policy.step_deadline_factor:g} x the median step, {progress.typical_s:.2f} s"
-                    if progress.typical_s is not None and progress.deadline_s > self.policy.step_deadline_s
-                    else "the floor"
-                )
+                if progress.compiling:
+                    basis = "the compile deadline"
+                elif progress.typical_s is not None and progress.deadline_s > self.policy.step_deadline_s:
+                    basis = (
+                        f"{self.policy.step_deadline_factor:g} x the median step, {progress.typical_s:.2f} s"
+                    )
+                else:
+                    basis = "the floor"
                 waited = f"did not finish a step within the {progress.deadline_s:.1f} s deadline ({basis})"
                 if stopped is not None:
                     self._break(
