@@ -50,6 +50,7 @@ from distrifusion.export import (
     text_encoder_cases,
     vae_decoder_cases,
 )
+from distrifusion.serving.faults import FaultPolicy
 from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, RequestSettings, StageConfig
 from distrifusion.serving.tokenize import MAX_TEXT_BYTES, SDXLTokenizers, TokenizeError
 from distrifusion.vae.decode import DecodeSettings
@@ -570,6 +571,12 @@ def test_the_stage_config_round_trips_and_names_unknown_settings(tmp_path: Path)
         ConfigError, match=r"stage_config.json: requests.default_steps: must be an integer >= 1"
     ):
         StageConfig.from_json_file(path)
+
+
+def test_a_step_that_compiles_gets_the_compile_deadline() -> None:
+    policy = FaultPolicy(step_deadline_s=3.0, collective_timeout_s=60.0, compile_deadline_s=900.0)
+    assert policy.deadline(None) == 3.0 and policy.deadline(None, compiling=True) == 900.0
+    assert policy.deadline(200.0, compiling=True) == 2000.0  # 10 x a slow median step is longer
 
 
 def test_the_stage_refuses_instances_and_gpus_it_does_not_have() -> None:

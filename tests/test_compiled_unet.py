@@ -100,7 +100,9 @@ def test_a_compiled_stage_compiles_its_warmup_size_at_load_and_runs_other_sizes_
     repository = tmp_path / "repository"
     root = Path(__file__).resolve().parents[1]
     build = [sys.executable, "-m", "build_engines", "--model", str(tiny_sdxl_dir), "--output", str(repository),
-             "--target", "cpu", "--unet-ranks", "2", "--compile", COMPILE_BACKEND, "--warmup-resolutions", "256x256"]  # fmt: skip
+             "--target", "cpu", "--unet-ranks", "2", "--compile", COMPILE_BACKEND, "--warmup-resolutions", "256x256",
+             # A step floor far below the compile: the warm-up's compiling step gets the compile deadline.
+             "--step-deadline-s", "3"]  # fmt: skip
     subprocess.run(build, check=True, cwd=root, timeout=600)
     with CpuServer(repository, tmp_path / "server.log") as server:
 
