@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     args = parser.parse_args(argv)
+    if args.server_only:  # the engine figures' settings are those of the run that measured them
+        measured = json.loads(args.output.read_text())["settings"]
+        args.steps, args.latent = measured["steps"], measured["latent_size"]
     settings = Settings(
         seed=0,
         block_out_channels=(128, 256, 512),
