@@ -458,20 +458,9 @@ def run(args: Args) -> dict[str, Any]:
                 print(
                     f"  {resolution}^2 DistriUNet 1 rank CUDA graphs: {timing['median_s'] * 1e3:.2f} ms/step"
                 )
-                entry["simulated_bands_cuda_graphs"] = {}
-                for world in args.bands:
-                    if args.over_budget():
-                        skipped.append(f"{resolution}^2 {world} bands CUDA graphs (over budget)")
-                        continue
-                    with contextlib.suppress(ConfigError):
-                        band = steady_band(graph_unet, inputs, args, world, timer)
-                        band["projection"] = project(band, fastest_plain_s(entry), args)
-                        entry["simulated_bands_cuda_graphs"][world] = band
-                        print(
-                            f"  {resolution}^2 band {band['band_index']} of {world} (simulated, CUDA graphs): "
-                            f"{band['compute']['median_s'] * 1e3:.2f} ms/step",
-                            flush=True,
-                        )
+                entry["simulated_bands_cuda_graphs"] = simulated_bands(
+                    graph_unet, inputs, entry, args, timer, skipped, "CUDA graphs"
+                )
         except (NotImplementedError, ConfigError, RuntimeError) as error:
             graphs["error"] = f"{type(error).__name__}: {error}"
             print(f"  CUDA graphs failed: {graphs['error']}", flush=True)
@@ -484,6 +473,34 @@ def run(args: Args) -> dict[str, Any]:
         "resolutions": results,
         "skipped": skipped,
     }
+
+
+def simulated_bands(
+    unet: DistriUNet,
+    inputs: dict[str, Any],
+    entry: dict[str, Any],
+    args: Args,
+    timer: Timer,
+    skipped: list[str],
+    label: str,
+) -> dict[int, dict[str, Any]]:
+    """Every band count of ``args.bands`` that fits the budget and the latent, with projections."""
+    resolution = entry["resolution"]
+    bands: dict[int, dict[str, Any]] = {}
+    for world in args.bands:
+        if args.over_budget():
+            skipped.append(f"{resolution}^2 {world} bands {label} (over budget)")
+            continue
+        with contextlib.suppress(ConfigError):
+            band = steady_band(unet, inputs, args, world, timer)
+            band["projection"] = project(band, fastest_plain_s(entry), args)
+            bands[world] = band
+            print(
+                f"  {resolution}^2 band {band['band_index']} of {world} (simulated, {label}): "
+                f"{band['compute']['median_s'] * 1e3:.2f} ms/step",
+                flush=True,
+            )
+    return bands
 
 
 def compiled_section(
@@ -515,20 +532,9 @@ def compiled_section(
         engine = simulated_band_unet(unet, engine_config(args, cuda_graphs=graphs, compile=args.compile))
         for resolution, entry in results.items():
             inputs = make_inputs(args.unet_config, resolution, args.device, args.dtype, args.seed)
-            entry["simulated_bands_compiled"] = {}
-            for world in args.bands:
-                if args.over_budget():
-                    skipped.append(f"{resolution}^2 {world} bands compiled (over budget)")
-                    continue
-                with contextlib.suppress(ConfigError):
-                    band = steady_band(engine, inputs, args, world, timer)
-                    band["projection"] = project(band, fastest_plain_s(entry), args)
-                    entry["simulated_bands_compiled"][world] = band
-                    print(
-                        f"  {resolution}^2 band {band['band_index']} of {world} (simulated, compiled): "
-                        f"{band['compute']['median_s'] * 1e3:.2f} ms/step",
-                        flush=True,
-                    )
+            entry["simulated_bands_compiled"] = simulated_bands(
+                engine, inputs, entry, args, timer, skipped, "compiled"
+            )
     except Exception as error:  # a backend that cannot compile this model: reported, not fatal
         section["error"] = f"{type(error).__name__}: {error}"
         print(f"  compiled runs failed: {section['error']}", flush=True)

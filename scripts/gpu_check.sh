@@ -9,16 +9,7 @@
 # Elsewhere, from this project's venv: scripts/gpu_check.sh (no .whl needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-build/gpu_check}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-# The project from this checkout, uninstalled: the engine package and the top-level packages.
-export PYTHONPATH="$PWD/backend:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source scripts/gpu_env.sh
 
 {
   date -u

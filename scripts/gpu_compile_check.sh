@@ -6,15 +6,7 @@
 # wheels, same $OUT); results: gpu_band_kernels_compiled.log, gpu_sdxl_unet_compiled.{json,log}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-build/gpu_check}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/backend:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source scripts/gpu_env.sh
 export TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache"
 
 status=0
