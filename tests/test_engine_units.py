@@ -96,6 +96,9 @@ class _StaleMoments:
     def latest(self, key: str) -> torch.Tensor:
         return self.stale
 
+    def send_buffer(self, key: str) -> None:
+        return None
+
     def share_later(self, key: str, tensor: torch.Tensor) -> None:
         pass
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
@@ -12,8 +11,6 @@ from . import exchange_op
 from .config import DistriConfig, Mode
 from .exchange import Exchange
 from .geometry import BandLayout
-
-T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -48,33 +45,14 @@ class PatchContext:
     def last_step(self) -> bool:
         return self.total_steps is not None and self.step >= self.total_steps - 1
 
-    def exchanged(
-        self,
-        key: str,
-        fresh: torch.Tensor,
-        combine: Callable[[torch.Tensor, bool], T],
-        always_fresh: bool = False,
-    ) -> T:
-        """``combine(gathered, stale)`` of ``gathered`` ``[bands, ...]``: what every band shares under
-        ``key``.
-
-        In synchronous steps (or with ``always_fresh``) all entries are this step's; afterwards the
-        other bands' entries are from the previous step (``stale`` is then True), and ``fresh`` is
-        queued for the next step (except on the last step, whose data nobody would read).
-        ``combine`` must not keep the stale tensor: its memory is reused by the next exchange.
-        """
-        assert self.exchange is not None
-        if always_fresh or self.synchronous:
-            return combine(self.exchange.share_now(key, fresh), False)
-        result = combine(self.exchange.latest(key), True)
-        if not self.last_step:
-            self.exchange.share_later(key, fresh)
-        return result
-
 
 class ExchangingLayer:
-    """A layer that shares ``fresh`` data with the other bands under ``key`` and combines what
-    every band shared with its own input (``own``) in :meth:`combine`.
+    """A layer that shares fresh data with the other bands under ``key`` and combines what every
+    band shared with its own input (``own``) in :meth:`combine`.
+
+    The fresh data is given as ``parts`` and written by :meth:`write_fresh` straight into the
+    exchange's send buffer once the buffers are fixed (stacked halos or moments, padded tokens), so
+    it is not first concatenated and then copied in: one kernel per layer and step, not two.
 
     Eager, :meth:`exchanged` runs the exchange at once; inside ``torch.compile`` it is one call of
     the opaque ``distrifusion::exchange`` operator, which runs the same exchange at run time (see
@@ -91,21 +69,47 @@ class ExchangingLayer:
     def combine(
         self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
     ) -> torch.Tensor:
+        """This layer's result from ``gathered`` ``[bands, ...]``, what every band shared: this
+        step's (``stale`` False) or, for the other bands, the previous step's. It must not keep
+        ``gathered`` or ``fresh``: the exchange reuses their memory."""
         raise NotImplementedError
 
-    def exchanged(self, fresh: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    def fresh(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What this band shares, as a new tensor."""
+        return torch.stack(parts)
+
+    def write_fresh(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        """Writes :meth:`fresh` into ``out`` (the send buffer; parts nobody reads may be left)."""
+        torch.stack(parts, out=out)
+
+    def exchanged(self, parts: Sequence[torch.Tensor], own: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return exchange_op.exchange(self.key, fresh, own)
-        return self.exchange_now(fresh, own)
+            return exchange_op.exchange(self.key, list(parts), own)
+        return self.exchange_now(parts, own)
 
-    def exchange_now(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-        return self.context.exchanged(
-            self.key,
-            fresh,
-            lambda gathered, stale: self.combine(gathered, fresh, own, stale),
-            self.always_fresh,
-        )
+    def exchange_now(self, parts: Sequence[torch.Tensor], own: torch.Tensor | None) -> torch.Tensor:
+        """In synchronous steps (or with ``always_fresh``) every band's data is this step's;
+        afterwards the other bands' are the previous step's, and this band's fresh data is queued
+        for the next step (except on the last step, whose data nobody would read)."""
+        ctx, exchange = self.context, self.context.exchange
+        assert exchange is not None
+        if self.always_fresh or ctx.synchronous:
+            fresh = self.fresh(parts)
+            return self.combine(exchange.share_now(self.key, fresh), fresh, own, stale=False)
+        # First: it waits for the previous step's gather, which frees this key's send buffer.
+        gathered = exchange.latest(self.key)
+        send = None if ctx.last_step else exchange.send_buffer(self.key)
+        if send is None:
+            fresh = self.fresh(parts)
+        else:
+            self.write_fresh(parts, send)
+            fresh = send
+        result = self.combine(gathered, fresh, own, stale=True)
+        if not ctx.last_step:
+            exchange.share_later(self.key, fresh)  # may launch the gather that overwrites ``gathered``
+        return result
 
-    def combined_like(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    def combined_like(self, parts: Sequence[torch.Tensor], own: torch.Tensor | None) -> torch.Tensor:
+        fresh = self.fresh(parts)
         gathered = fresh.new_empty((self.context.layout.num_bands, *fresh.shape))
         return self.combine(gathered, fresh, own, stale=False)

@@ -158,13 +158,21 @@ class Exchange:
             slot.view.copy_(gathered)
         return gathered
 
+    def send_buffer(self, key: str) -> torch.Tensor | None:
+        """Where ``key``'s data goes out once the batches are fixed (None before): a caller that
+        writes its data here, after :meth:`latest` of this step, and passes it to
+        :meth:`share_later` saves the copy into the batch."""
+        slot = self._slots.get(key)
+        return None if slot is None else slot.send_view
+
     def share_later(self, key: str, tensor: torch.Tensor) -> None:
         """Queues ``tensor`` for the asynchronous all-gather of its batch."""
         slot = self._slots.get(key)
         if slot is None:
             self._record(key, tensor)
             return
-        slot.send_view.copy_(tensor)
+        if tensor is not slot.send_view:
+            slot.send_view.copy_(tensor)
         if key == slot.batch.last_key:
             self._launch(slot.batch)
 

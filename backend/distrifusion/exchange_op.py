@@ -16,18 +16,19 @@ cache every restarted server would compile again.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import torch
 
 
 class Exchanging(Protocol):
-    def exchange_now(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-        """Shares ``fresh`` and returns the layer's combination of what every band shared."""
+    def exchange_now(self, parts: Sequence[torch.Tensor], own: torch.Tensor | None) -> torch.Tensor:
+        """Shares the fresh data made of ``parts`` and returns the layer's combination of what
+        every band shared."""
         ...
 
-    def combined_like(self, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    def combined_like(self, parts: Sequence[torch.Tensor], own: torch.Tensor | None) -> torch.Tensor:
         """What :meth:`exchange_now` returns, on tensors without data (shape and dtype only)."""
         ...
 
@@ -57,16 +58,21 @@ _CALL_ORDER = torch.zeros(())
 
 @torch.library.custom_op("distrifusion::exchange", mutates_args=("call_order",))
 def _exchange(
-    key: str, fresh: torch.Tensor, own: torch.Tensor | None, call_order: torch.Tensor
+    key: str, parts: list[torch.Tensor], own: torch.Tensor | None, call_order: torch.Tensor
 ) -> torch.Tensor:
-    return _RUNNING[key].exchange_now(fresh, own)
+    return _RUNNING[key].exchange_now(parts, own)
 
 
 @_exchange.register_fake
-def _(key: str, fresh: torch.Tensor, own: torch.Tensor | None, call_order: torch.Tensor) -> torch.Tensor:
-    return _RUNNING[key].combined_like(fresh, own)
+def _(
+    key: str, parts: list[torch.Tensor], own: torch.Tensor | None, call_order: torch.Tensor
+) -> torch.Tensor:
+    return _RUNNING[key].combined_like(parts, own)
 
 
-def exchange(key: str, fresh: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-    """The exchange of the running UNet's layer ``key``, as one operator of the compiled graph."""
-    return _exchange(key, fresh, own, _CALL_ORDER)
+def exchange(key: str, parts: list[torch.Tensor], own: torch.Tensor | None) -> torch.Tensor:
+    """The exchange of the running UNet's layer ``key``, as one operator of the compiled graph.
+
+    The fresh data goes in as its ``parts`` (halo rows, moments), so that the operator writes them
+    straight into the send buffer at run time, rather than the graph concatenating them first."""
+    return _exchange(key, parts, own, _CALL_ORDER)

@@ -11,6 +11,8 @@ as diffusers' ``AttnProcessor2_0`` does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -126,13 +128,18 @@ class _WholeImageTokens(ExchangingLayer):
     """The keys (or values) of every band, in single-device token order, from this band's own."""
 
     def whole_image(self, own: torch.Tensor) -> torch.Tensor:
-        return self.exchanged(self._padded(own), own)
+        return self.exchanged([own], own)
 
-    def _padded(self, own: torch.Tensor) -> torch.Tensor:
+    def fresh(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         # All-gathers need one shape on every rank; bands can differ in height by a row.
+        (own,) = parts
         layout, level = self.context.layout, self._level(own)
         missing = layout.max_band_height(level) * (layout.width >> level) - own.shape[1]
         return F.pad(own, (0, 0, 0, missing)) if missing else own
+
+    def write_fresh(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        (own,) = parts
+        out[:, : own.shape[1]].copy_(own)  # the padding rows are never read
 
     def combine(
         self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool

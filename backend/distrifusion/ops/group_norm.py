@@ -22,8 +22,8 @@ from ..config import Mode
 from ..context import ExchangingLayer, PatchContext
 
 
-def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[3, batch, groups]`` fp32: element count, mean and biased variance of each group."""
+def moment_parts(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three ``[batch, groups]`` fp32 tensors: element count, mean and biased variance of each group."""
     grouped = x.reshape(x.shape[0], groups, -1)
     count = grouped.shape[-1]
     if torch.compiler.is_compiling():
@@ -35,7 +35,12 @@ def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
         # non-negative; eager torch.var_mean does the same arithmetic but is ~20x slower on the CPU.
         mean = grouped.mean(-1, dtype=torch.float32)
         variance = torch.linalg.vector_norm(grouped - mean[..., None], dim=-1).square_().div_(count)
-    return torch.stack([torch.full_like(mean, count), mean, variance])
+    return torch.full_like(mean, count), mean, variance
+
+
+def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[3, batch, groups]`` fp32: :func:`moment_parts` stacked."""
+    return torch.stack(moment_parts(x, groups))
 
 
 def merge_moments(moments: torch.Tensor) -> torch.Tensor:
@@ -86,18 +91,19 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         ctx = self.context
         if not ctx.parallel:
             return self.norm(x)
-        fresh = local_moments(x, self.norm.num_groups)
-        local_only = ctx.mode in (Mode.NAIVE_PATCH, Mode.SEPARATE_GN)
-        moments = fresh[1:] if local_only else self.exchanged(fresh)
-        usable = moments[1] >= 0
-        return self._normalize(x, torch.where(usable, moments, fresh[1:]))
+        parts = moment_parts(x, self.norm.num_groups)
+        if ctx.mode in (Mode.NAIVE_PATCH, Mode.SEPARATE_GN):
+            return self._normalize(x, torch.stack(parts[1:]))
+        return self._normalize(x, self.exchanged(parts))
 
     def combine(
         self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
     ) -> torch.Tensor:
         """The whole image's ``[2, batch, groups]`` (mean, variance) from every band's moments."""
         if stale and self.context.mode is Mode.CORRECTED_ASYNC_GN:
-            return corrected_moments(gathered, fresh, self.context.band)
+            corrected = corrected_moments(gathered, fresh, self.context.band)
+            # Only the correction can estimate a negative variance; merged ones are exact.
+            return torch.where(corrected[1] >= 0, corrected, fresh[1:])
         # stale_gn reads the other bands' previous moments but always its own current ones.
         merged = gathered.clone()
         merged[self.context.band] = fresh
