@@ -70,9 +70,10 @@ def test_split_batch_needs_an_even_rank_count() -> None:
 
 def test_merged_moments_equal_the_whole_tensor() -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 13, 5) * 4 + 100
+    x = torch.randn(2, 8, 13, 5) * 4 + torch.linspace(-100, 100, 8).view(1, 8, 1, 1)
     parts = [x[:, :, :7], x[:, :, 7:]]
-    mean, variance = merge_moments(torch.stack([local_moments(part, groups=4) for part in parts]))
+    weights = torch.tensor([7 / 13, 6 / 13], dtype=torch.float64)
+    mean, variance = merge_moments(torch.stack([local_moments(part, groups=4) for part in parts]), weights)
     expected_variance, expected_mean = torch.var_mean(x.double().reshape(2, 4, -1), dim=-1, correction=0)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(variance, expected_variance, rtol=1e-5, atol=0)
@@ -81,8 +82,9 @@ def test_merged_moments_equal_the_whole_tensor() -> None:
 def test_correction_without_change_is_the_stale_global() -> None:
     torch.manual_seed(1)
     stale = torch.stack([local_moments(torch.randn(1, 8, 4, 4) + band, groups=2) for band in range(3)])
-    mean, variance = corrected_moments(stale, stale[1], band=1)
-    expected_mean, expected_variance = merge_moments(stale)
+    weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    mean, variance = corrected_moments(stale, stale[1], weights - torch.tensor([0.0, 1.0, 0.0]).double())
+    expected_mean, expected_variance = merge_moments(stale, weights)
     torch.testing.assert_close(mean, expected_mean)
     torch.testing.assert_close(variance, expected_variance)
 
@@ -109,9 +111,9 @@ def test_corrected_group_norm_never_uses_a_negative_variance() -> None:
     x = torch.randn(1, 4, 3, 6)
     fresh = local_moments(x, 2)
     previous_own = fresh.clone()
-    previous_own[1] -= 10  # this band's mean jumped by +10: the corrected E[x^2] - E[x]^2 goes negative
+    previous_own[0] -= 10  # this band's mean jumped by +10: the corrected E[x^2] - E[x]^2 goes negative
     stale = torch.stack([previous_own, fresh])
-    _, variance = corrected_moments(stale, fresh, band=0)
+    _, variance = corrected_moments(stale, fresh, torch.tensor([-0.5, 0.5], dtype=torch.float64))
     assert (variance < 0).all()
 
     layout = BandLayout.split(height=6, width=6, num_bands=2, levels=1)
