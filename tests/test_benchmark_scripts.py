@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +34,25 @@ def test_gpu_benchmark_dry_run_reports_every_configuration(tmp_path: Path) -> No
     assert received == sorted(received)  # more bands, more bytes received per rank
     assert report["results"]["cuda_graphs"]["supported"] is False  # no CUDA here, and it says so
     assert report["results"]["skipped"] == []
+
+
+def test_layers_write_their_fresh_data_straight_into_the_send_buffers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counted with the benchmark's operator counter: with the send buffers offered, every halo and
+    moment exchange is one stack into its buffer; without, a stack and a copy."""
+    from benchmarks.band_operator_counts import OperatorCount, count_case
+    from benchmarks.gpu_sdxl_unet import TINY_UNET_CONFIG
+    from distrifusion.exchange import Exchange
+
+    with OperatorCount() as counted:
+        x = torch.ones(4, 6)
+        torch.stack([x[:2], x[2:]]).view(-1).add_(1)
+    assert dict(counted.counts) == {"ones": 1, "stack": 1, "add_": 1}  # views and allocations left out
+
+    direct = count_case("corrected_async_gn", 2, TINY_UNET_CONFIG, resolution=128)
+    monkeypatch.setattr(Exchange, "send_buffer", lambda self, key: None)
+    copied = count_case("corrected_async_gn", 2, TINY_UNET_CONFIG, resolution=128)
+    stacked = direct["grown"]["stack"][1]
+    assert stacked > 0 and direct["plain"] == copied["plain"]
+    assert copied["band"] - direct["band"] == stacked

@@ -73,7 +73,7 @@ def _moments(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def merge_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Merges ``[bands, 2, batch, groups]`` moments into the whole image's ``[2, batch, groups]``
     (mean, biased variance) in fp64; ``weights``: each band's share of the elements, fp64."""
-    merged = _moments(weights @ _raw(moments), moments)
+    merged = _moments(torch.mv(_raw(moments).T, weights), moments)
     merged[1].clamp_(min=0)  # a rounding error below 0 at a constant group
     return merged
 
