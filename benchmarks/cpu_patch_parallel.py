@@ -63,7 +63,7 @@ ANALYTIC_FORMULA = (
     "bytes sent per rank per step = act_bytes * (KV + halo + out) + 4 * GN, with "
     "KV = sum over self-attention layers of 2 * C_attn * (max band rows at the layer's level * W_level) * B; "
     "halo = sum over convolutions with kernel height > 1 except conv_in of 2 * padding * C_in * W_level * B; "
-    "GN = sum over GroupNorm layers of 3 * B * groups (count, mean, variance in fp32); "
+    "GN = sum over GroupNorm layers of 2 * B * groups (mean, variance in fp32); "
     "out = C_out * (max band rows at full resolution) * W * B (the noise-prediction gather). "
     "B is the UNet batch (2 with CFG); separate_gn sends no GN, naive_patch only 'out'. "
     "Each rank receives (ranks - 1) times what it sends."
@@ -669,7 +669,7 @@ def analytic_bytes(
         elif layer["kind"] == "conv" and layer["name"] != "conv_in" and layer["kernel_height"] > 1:
             halo += 2 * layer["padding"] * layer["in_channels"] * layer["width"] * batch
         elif layer["kind"] == "group_norm":
-            norm += 3 * batch * layer["groups"]
+            norm += 2 * batch * layer["groups"]
     out = out_channels * max_rows(0) * latent_width * batch
     if bands == 1:
         kv = halo = norm = out = 0
