@@ -50,9 +50,10 @@ def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack(moment_parts(x, groups))
 
 
-def band_weights(layout: BandLayout, level: int) -> list[float]:
-    """Each band's share of the elements of a feature map at ``level`` (its share of the rows)."""
-    heights = [layout.band_height(band, level) for band in range(layout.num_bands)]
+def band_weights(layout: BandLayout) -> list[float]:
+    """Each band's share of the elements of a feature map: its share of the rows, the same at every
+    level (bands scale by 2 per level)."""
+    heights = [layout.band_height(band) for band in range(layout.num_bands)]
     return [height / sum(heights) for height in heights]
 
 
@@ -110,14 +111,13 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         parts = moment_parts(x, self.norm.num_groups)
         if ctx.mode in (Mode.NAIVE_PATCH, Mode.SEPARATE_GN):
             return self._normalize(x, torch.stack(parts))
-        return self._normalize(x, self.exchanged(parts, x))
+        return self._normalize(x, self.exchanged(parts))
 
     def combine(
         self, gathered: torch.Tensor, fresh: torch.Tensor, own: torch.Tensor | None, stale: bool
     ) -> torch.Tensor:
         """The whole image's ``[2, batch, groups]`` (mean, variance) from every band's moments."""
-        assert own is not None
-        weights, change = self._band_weights(own)
+        weights, change = self._band_weights(fresh.device)
         if stale and self.context.mode is Mode.CORRECTED_ASYNC_GN:
             corrected = corrected_moments(gathered, fresh, change)
             return torch.where(corrected[1] >= 0, corrected, fresh)
@@ -130,15 +130,14 @@ class PatchGroupNorm(nn.Module, ExchangingLayer):
         # Shapes only, without the weights cache (it must hold real tensors, not the tracer's).
         return parts[0].new_empty((2, *parts[0].shape), dtype=torch.float64)
 
-    def _band_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each band's share of the elements at ``x``'s level, and the same less 1 for this band (fp64,
-        on ``x``'s device); built at the first step of a shape, then at fixed addresses."""
+    def _band_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each band's share of the elements, and the same less 1 for this band (fp64, on ``device``);
+        built at the first step of a layout, then at fixed addresses."""
         ctx = self.context
-        level = ctx.layout.level_of_tokens(ctx.band, x[0, 0].numel())
-        key = (ctx.layout, level, ctx.band, x.device)
+        key = (ctx.layout, ctx.band, device)
         cached = self._weights.get(key)
         if cached is None:
-            weights = torch.tensor(band_weights(ctx.layout, level), dtype=torch.float64, device=x.device)
+            weights = torch.tensor(band_weights(ctx.layout), dtype=torch.float64, device=device)
             change = weights.clone()
             change[ctx.band] -= 1
             cached = self._weights[key] = weights, change
