@@ -51,8 +51,8 @@ class ExchangingLayer:
     band shared with its own input (``own``) in :meth:`combine`.
 
     The fresh data is given as ``parts`` and written by :meth:`write_fresh` straight into the
-    exchange's send buffer once the buffers are fixed (stacked halos or moments, padded tokens), so
-    it is not first concatenated and then copied in: one kernel per layer and step, not two.
+    exchange's send buffer once the buffers are fixed (stacked halos or moments, unpadded tokens),
+    so it is not first concatenated or padded and then copied in: one kernel per layer and step.
 
     Eager, :meth:`exchanged` runs the exchange at once; inside ``torch.compile`` it is one call of
     the opaque ``distrifusion::exchange`` operator, which runs the same exchange at run time (see
