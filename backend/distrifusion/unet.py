@@ -132,7 +132,9 @@ class DistriUNet(nn.Module):
         self._generation: Generation | None = None
         self.steps: list[StepRecord] = []
         """The UNet evaluations of the current generation."""
-        self._exchanges: collections.OrderedDict[tuple, Exchange] = collections.OrderedDict()
+        self._shapes: collections.OrderedDict[tuple, Exchange | None] = collections.OrderedDict()
+        """The latest shapes run, with their exchanges (None for a one-band group); the step graphs
+        of a shape that leaves are dropped with it, whatever the group's size."""
         self.graphs = graphs if graphs is not None else (StepGraphs() if config.cuda_graphs else None)
         """The captured step plans (None: every step runs eagerly)."""
         self._exchanging_layers = _make_patch_parallel(unet, self.context)
@@ -159,7 +161,7 @@ class DistriUNet(nn.Module):
         self._generation = generation
         self.context.step = 0
         self.steps = []
-        for exchange in self._exchanges.values():
+        for exchange in self._exchanges():
             exchange.drain()
 
     def use_topology(
@@ -173,9 +175,9 @@ class DistriUNet(nn.Module):
         """
         self.distri_config.validate_world(topology.world)
         if not abandon:
-            for exchange in self._exchanges.values():
+            for exchange in self._exchanges():
                 exchange.drain()
-        self._exchanges.clear()
+        self._shapes.clear()
         self._compiled_shapes.clear()
         if self.graphs is not None:
             self.graphs.clear()
@@ -290,11 +292,22 @@ class DistriUNet(nn.Module):
             return "warmup"
         return "last" if ctx.last_step else "steady"
 
+    def _exchanges(self) -> list[Exchange]:
+        return [exchange for exchange in self._shapes.values() if exchange is not None]
+
     def _exchange(self, group: PatchGroup, shape_key: tuple) -> Exchange | None:
-        if group.size == 1:
-            return None
-        exchange = self._exchanges.pop(shape_key, None)
-        if exchange is None:
+        """The shape's exchange (None for one band), kept for the latest :data:`_CACHED_SHAPES` shapes."""
+        if shape_key in self._shapes:
+            self._shapes.move_to_end(shape_key)
+            return self._shapes[shape_key]
+        if len(self._shapes) >= _CACHED_SHAPES:
+            oldest_key, oldest = self._shapes.popitem(last=False)
+            if oldest is not None:
+                oldest.drain()
+            if self.graphs is not None:
+                self.graphs.forget(oldest_key)
+        exchange = None
+        if group.size > 1:
             exchange = Exchange(
                 group.group,
                 group.size,
@@ -303,12 +316,7 @@ class DistriUNet(nn.Module):
                 self.collective,
                 self.host_calls,
             )
-            if len(self._exchanges) >= _CACHED_SHAPES:
-                oldest_key, oldest = self._exchanges.popitem(last=False)
-                oldest.drain()
-                if self.graphs is not None:
-                    self.graphs.forget(oldest_key)
-        self._exchanges[shape_key] = exchange
+        self._shapes[shape_key] = exchange
         return exchange
 
     def _gather_bands(self, band: torch.Tensor, layout: BandLayout, group: PatchGroup) -> torch.Tensor:
