@@ -8,6 +8,7 @@ makes it give up. Faults are real: SIGKILL and SIGSTOP by pid, and the test-only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,13 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from device_stand_ins import LaggingDevice
 from diffusers import StableDiffusionXLPipeline
 from processes import still_running_after
 
 from distrifusion.config import DistriConfig
 from distrifusion.serving.denoise import DenoiseRequest
 from distrifusion.serving.faults import INJECTION_VARIABLE, FaultPolicy, GroupFault, GroupUnavailable
+from distrifusion.serving.rank_worker import RankWorker
 from distrifusion.serving.unet_group import GAVE_UP, REBUILDING, SERVING, UNetGroup
+from distrifusion.step_clock import STEPS_AHEAD
 
 POLICY = FaultPolicy(step_deadline_s=3.0, max_rebuilds=2, rebuild_window_s=300.0, collective_timeout_s=60.0)
 
@@ -158,6 +163,106 @@ def test_a_stopped_worker_is_caught_by_the_step_deadline_and_ended(group, reques
     assert still_running_after([pid], seconds=5) == set(), "the stopped process is ended"
     assert group.wait_serving(timeout=30) == SERVING
     assert restarts(events)[-1] == "deadline"
+
+
+@contextlib.contextmanager
+def rank_0_device(group: UNetGroup, device: LaggingDevice, events: list) -> Iterator[LaggingDevice]:
+    """Rank 0's steps finish on ``device``; a fault the group reports aborts it (as an NCCL abort
+    fails the collective its device waits in)."""
+    seen = len(events)
+
+    def abort_on_fault() -> None:
+        while not device.lost.is_set():
+            if any(kind == "fault" for _, kind, _ in events[seen:]):
+                device.lost.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=abort_on_fault, daemon=True)
+    group.pipeline.clock = device
+    watcher.start()
+    try:
+        yield device
+    finally:
+        group.pipeline.clock = None
+        device.lost.set()
+        watcher.join()
+
+
+def test_a_device_running_behind_the_host_is_timed_by_the_steps_it_finished(
+    group, request_of, events
+) -> None:
+    """Every step finishes 0.4 s after the one before: 25 steps take 10 s on the device, over three
+    times the 3 s deadline. On CUDA the host would queue them all at once and then wait out the
+    backlog with no heartbeat; here the host runs at most STEPS_AHEAD steps ahead, and the watchdog
+    heartbeats on the steps the device finished."""
+    restarted = restarts(events)
+    with rank_0_device(group, LaggingDevice(step_s=0.4), events) as device:
+        result = group.denoise(request_of(steps=25))
+    assert not result.interrupted and len(device.finishes) == 25
+    assert device.most_queued <= STEPS_AHEAD + 1, "the host ran further ahead of the device"
+    assert restarts(events) == restarted, "a healthy group was declared dead"
+
+
+def test_a_cancel_reaches_a_device_running_behind_within_steps_ahead(group, request_of, events) -> None:
+    with rank_0_device(group, LaggingDevice(step_s=0.3), events) as device:
+        seen: list[int] = []
+
+        def cancelled_once_four_steps_ran() -> bool:
+            if not seen and device.finished() >= 4:
+                seen.append(len(device.finishes))
+            return bool(seen)
+
+        result = group.denoise(request_of(steps=40), cancelled_once_four_steps_ran)
+    assert result.interrupted
+    ran = len(group.pipeline.unet.steps)
+    assert ran == seen[0] <= 4 + STEPS_AHEAD + 1, (ran, seen)
+
+
+def test_a_device_that_stops_finishing_steps_misses_the_deadline(group, request_of, events) -> None:
+    """The host keeps queueing (on CUDA: kernel launches return) while the device never finishes
+    step 3; heartbeats on queued steps would never stop coming."""
+    with rank_0_device(group, LaggingDevice(step_s=0.05, hang_from=3), events):
+        started = time.monotonic()
+        with pytest.raises(
+            GroupFault, match=r"did not finish a step within the 3.0 s deadline \(the floor\)"
+        ):
+            group.denoise(request_of(steps=50))
+    assert time.monotonic() - started < 3.0 + 5.0
+    assert restarts(events)[-1] == "deadline"
+    assert group.wait_serving(timeout=30) == SERVING
+
+
+def test_the_watchdog_outlives_its_own_errors(group, request_of, events, monkeypatch) -> None:
+    """Asking a process group torn down by another thread for its backend raises; so may anything the
+    watchdog runs. It reports the error and keeps watching: a rank lost after it is still noticed."""
+    original_cause, original_backend = RankWorker.cause_of_exit, dist.get_backend
+    failures = []
+
+    def cause_of_exit_fails_once(worker: RankWorker) -> tuple[str, str]:
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("injected: /proc could not be read")
+        return original_cause(worker)
+
+    def backend_being_torn_down(*args: object) -> str:
+        if threading.current_thread().name == "distrifusion-watchdog":
+            raise RuntimeError("injected: the default process group is being destroyed")
+        return original_backend(*args)
+
+    monkeypatch.setattr(RankWorker, "cause_of_exit", cause_of_exit_fails_once)
+    monkeypatch.setattr(dist, "get_backend", backend_being_torn_down)
+    for attempt in ("the errors", "after them"):
+        (pid,) = group.worker_pids
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while group.state == SERVING and time.monotonic() - killed < 5:
+            time.sleep(0.05)
+        assert group.state == REBUILDING, f"the watchdog notices a lost rank ({attempt})"
+        assert group.wait_serving(timeout=30) == SERVING
+        assert restarts(events)[-1] == "rank_exited"
+    assert [kind for _, kind, _ in events].count("watchdog_error") == 1
+    (watchdog,) = [t for t in threading.enumerate() if t.name == "distrifusion-watchdog"]
+    assert watchdog.is_alive()
 
 
 def test_repeated_failed_rebuilds_give_up(group, request_of, faults) -> None:

@@ -114,6 +114,11 @@ class ModelGeometry:
         """The image side in pixels when a request gives none."""
         return self.sample_size * self.pixels_per_latent
 
+    def smallest_size(self, num_bands: int) -> tuple[int, int]:
+        """(height, width) in pixels of the smallest image that splits into ``num_bands`` bands."""
+        rows = 2 ** (self.levels - 1) * self.pixels_per_latent
+        return num_bands * rows, rows
+
     def layout(self, height: int, width: int, num_bands: int) -> BandLayout:
         """The bands of an image of ``height`` x ``width`` pixels; raises ConfigError naming the
         first side that cannot be split into ``num_bands`` bands."""

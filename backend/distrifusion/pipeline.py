@@ -6,6 +6,7 @@ scheduler run replicated, the UNet is split, and rank 0 decodes and returns the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from PIL import Image
 from .config import DistriConfig, check_sampling
 from .geometry import ModelGeometry
 from .schedulers import make_scheduler
+from .step_clock import STEPS_AHEAD, StepClock, StepMark, clock_for
 from .topology import Topology
 from .unet import DistriUNet
 
@@ -59,6 +61,9 @@ class DistriPipeline:
         pipe.unet = self.unet
         self.model_scheduler = pipe.scheduler
         pipe.set_progress_bar_config(disable=True)
+        self.clock: StepClock | None = None
+        """Marks where each step ends on the device (None: the UNet's device's own clock; a test may
+        put a stand-in for a device that runs behind the host here)."""
 
     @classmethod
     def from_pretrained(
@@ -98,7 +103,7 @@ class DistriPipeline:
         scheduler: str | None = None,
         output_type: str = "pil",
         should_stop: Callable[[], bool] | None = None,
-        on_step: Callable[[int], None] | None = None,
+        on_step: Callable[[int, StepMark], None] | None = None,
         **diffusers_kwargs: Any,
     ) -> GenerationResult | None:
         """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
@@ -107,8 +112,11 @@ class DistriPipeline:
         in the result; a list: one seed per image), ``scheduler`` names one of
         :data:`distrifusion.schedulers.SCHEDULERS` (None: the model's own). ``should_stop`` is asked
         on rank 0 after every step (e.g. "was the request cancelled?"); all ranks then skip the
-        remaining steps together. ``on_step(step)`` is called on every rank after every step (e.g.
-        a watchdog's heartbeat). Other keyword arguments go to the diffusers pipeline unchanged.
+        remaining steps together. ``on_step(step, mark)`` is called on every rank once the host has
+        queued a step, with the mark that tells when the device has run it (a watchdog heartbeats
+        on those). The host runs at most :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of
+        the device, and returns once the device has run every step. Other keyword arguments go to
+        the diffusers pipeline unchanged.
         """
         height = self.geometry.default_size if height is None else height
         width = self.geometry.default_size if width is None else width
@@ -120,11 +128,17 @@ class DistriPipeline:
             else make_scheduler(scheduler, self.model_scheduler.config)
         )
         final: dict[str, torch.Tensor] = {}
+        queued: collections.deque[StepMark] = collections.deque()
+        clock = self.clock or clock_for(self.unet.device)
 
         def after_step(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
             final["latents"] = tensors["latents"]
+            mark = clock.mark()
+            queued.append(mark)
+            while len(queued) > STEPS_AHEAD:
+                queued.popleft().wait()
             if on_step is not None:
-                on_step(step)
+                on_step(step, mark)
             if should_stop is not None and self._agreed_stop(should_stop):
                 pipe._interrupt = True  # diffusers then skips the remaining steps
             return {}
@@ -142,6 +156,8 @@ class DistriPipeline:
             callback_on_step_end=after_step,
             **diffusers_kwargs,
         )
+        for mark in queued:
+            mark.wait()
         if self.rank != 0:
             return None
         images = None if output_type == "latent" else output.images

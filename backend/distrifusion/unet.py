@@ -185,6 +185,12 @@ class DistriUNet(nn.Module):
         if collective is not None:
             self.collective = collective
 
+    def holds(self, rows: int, height: int, width: int, guided: bool) -> bool:
+        """Whether a step of ``rows`` UNet rows at a ``height`` x ``width`` latent would find its
+        buffers (exchange, step graphs) made by an earlier one, or make them anew."""
+        split = self.topology.can_split and guided
+        return (rows, height, width, split, self.dtype) in self._shapes
+
     def layout(self, height: int, width: int, split: bool) -> BandLayout:
         """The bands of a latent of this size; raises ConfigError when it cannot be split."""
         size = self.topology.patch_group(split).size

@@ -11,6 +11,11 @@ from diffusers import DiffusionPipeline
 
 from ..config import DistriConfig
 from ..pipeline import DistriPipeline
+from ..step_clock import StepMark
+
+TEXT_TOKENS = 77
+"""CLIP's context length: the text shape of the group's own calibration generations (the served
+warm-ups take the text encoders' from the model configuration)."""
 
 # Components the UNet stage never needs; the text encoders and the VAE are separate models.
 _SKIPPED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "image_encoder")
@@ -77,12 +82,13 @@ def run_denoise(
     pipeline: DistriPipeline,
     request: DenoiseRequest,
     should_stop: Callable[[], bool] = _never,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, StepMark], None] | None = None,
 ) -> DenoiseResult | None:
     """Every rank runs this with the same request; rank 0 gets the result.
 
     Every rank passes a ``should_stop`` (only rank 0's is asked), so all join the per-step vote;
-    ``on_step(step)`` runs on this rank after every step.
+    ``on_step(step, mark)`` runs on this rank once it has queued each step (``mark`` tells when
+    the device has run it).
     """
     device = pipeline.unet.device
     dtype = pipeline.unet.dtype

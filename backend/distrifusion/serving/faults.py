@@ -26,9 +26,10 @@ INJECTION_VARIABLE = "DISTRIFUSION_FAULT_INJECTION"
 class FaultPolicy:
     """How a group notices a rank that hangs, and how often it may be rebuilt.
 
-    ``step_deadline_s``: the floor of the per-step deadline; once a shape's steps were timed, the
-    deadline is ``step_deadline_factor`` times the median step of its latest generation, if that
-    is longer.
+    ``step_deadline_s``: the floor of the per-step deadline. Above it the deadline is
+    ``step_deadline_factor`` times the step expected for the generation's size: the median step of
+    its latest generation, or, for a size not run yet, a timed size's scaled by the work
+    (:mod:`.step_cost`).
     ``compile_deadline_s``: the deadline of a generation's first step when it compiles (the warm-up
     of a compiled engine): inductor takes minutes a graph, and a rank waits in its first
     collective for the slowest rank's compile.
@@ -57,12 +58,12 @@ class FaultPolicy:
                 f"the watchdog, not the collective's timeout, ends a hung step; got {self.collective_timeout_s}"
             )
 
-    def deadline(self, typical_step_s: float | None, compiling: bool = False) -> float:
+    def deadline(self, expected_step_s: float | None, compiling: bool = False) -> float:
         if compiling:
-            return max(self.compile_deadline_s, self.deadline(typical_step_s))
-        if typical_step_s is None:
+            return max(self.compile_deadline_s, self.deadline(expected_step_s))
+        if expected_step_s is None:
             return self.step_deadline_s
-        return max(self.step_deadline_s, self.step_deadline_factor * typical_step_s)
+        return max(self.step_deadline_s, self.step_deadline_factor * expected_step_s)
 
 
 class GroupFault(RuntimeError):
@@ -159,6 +160,8 @@ def event_log(kind: str, details: dict[str, Any]) -> tuple[str, str] | None:
         return "warn" if details["live"] < details["ranks"] else "info", (
             f"UNet group: {details['live']} of {details['ranks']} ranks alive"
         )
+    if kind == "watchdog_error":
+        return "error", f"UNet group watchdog ran into {details['error']!r}; it keeps watching"
     if kind == "rebuild_failed":
         return "error", (
             f"UNet group rebuild failed ({details['failures']} of {policy.max_rebuilds} allowed within "

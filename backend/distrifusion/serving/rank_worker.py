@@ -74,7 +74,7 @@ def _worker_main(
         if command == "stop":
             break
         try:
-            run_denoise(pipeline, request, on_step=lambda step: injection.check_step(rank, step))
+            run_denoise(pipeline, request, on_step=lambda step, mark: injection.check_step(rank, step))
         except Exception:
             # The group is broken (its collectives are out of step): report, and leave it to rank 0.
             replies.send(("failed", traceback.format_exc()))

@@ -5,8 +5,13 @@ The server process (a Triton Python-backend stub) is rank 0. It spawns ranks 1..
 
 Faults. A watchdog thread in rank 0 watches the worker processes themselves (a rank that exits,
 is killed or OOM-killed is noticed within a tenth of a second, idle or not) and, while a
-generation runs, the time since its last step (a rank that is stopped, deadlocked or stuck in a
-kernel misses the per-step deadline). Either way the group is *broken*: the surviving workers are
+generation runs, the time since rank 0's device last finished a step (a rank that is stopped,
+deadlocked or stuck in a kernel misses the per-step deadline). Steps count when the device has run
+them, not when the host queued them (:mod:`distrifusion.step_clock`): on CUDA the host runs ahead.
+A step's deadline follows from its work (:mod:`.step_cost`): ``step_deadline_factor`` times the
+step the group measured for that size, or for another size scaled by the work, never below
+``step_deadline_s``; the group times two short generations at its smallest sizes when it forms, so
+every step has a measured basis. Either way the group is *broken*: the surviving workers are
 ended by pid, an NCCL process group is aborted (never destroyed while blocked), so rank 0 leaves
 the collective it waits in, and the request fails with a :class:`~.faults.GroupFault` naming the
 rank, its device, the step and that a retry is safe. A rank that raises is handled the same way.
@@ -38,11 +43,20 @@ import torch.distributed as dist
 
 from ..config import ConfigError, DistriConfig
 from ..launch import free_port, init_local_rank, select_device
+from ..step_clock import StepMark
 from ..topology import Topology
-from .denoise import DenoiseRequest, DenoiseResult, load_unet_pipeline, run_denoise, warmup_request
+from .denoise import (
+    TEXT_TOKENS,
+    DenoiseRequest,
+    DenoiseResult,
+    load_unet_pipeline,
+    run_denoise,
+    warmup_request,
+)
 from .faults import FaultInjection, FaultPolicy, GroupFault, GroupUnavailable
 from .memory import FreeMemory, UNetMemory, free_memory, peak_growth
 from .rank_worker import DevicePlacement, RankWorker
+from .step_cost import StepTimes, StepWork
 
 _START_TIMEOUT_SECONDS = 600.0
 _POLL_SECONDS = 0.1
@@ -64,11 +78,34 @@ def _ignore(kind: str, **details: Any) -> None:
 
 @dataclasses.dataclass
 class _Progress:
-    step: int
+    """One generation as the watchdog sees it: the steps the host queued, and when rank 0's device
+    last finished one."""
+
+    total_steps: int
     at: float
+    """When the device last finished a step (at first: when the generation started)."""
     deadline_s: float
-    typical_s: float | None
-    compiling: bool
+    basis: str
+    first_deadline_s: float
+    """The first step's (a compile's, when the step compiles)."""
+    first_basis: str
+    completed: int = 0
+    queued: collections.deque[tuple[int, StepMark]] = dataclasses.field(default_factory=collections.deque)
+
+    def poll(self, now: float) -> None:
+        """Counts the queued steps the device has finished (the watchdog's thread only)."""
+        while self.queued and self.queued[0][1].done():
+            step, _ = self.queued.popleft()
+            self.completed, self.at = step + 1, now
+
+    def overdue(self, now: float) -> tuple[float, str] | None:
+        """(deadline, basis) when the next step is past its deadline."""
+        deadline, basis = (
+            (self.first_deadline_s, self.first_basis)
+            if self.completed == 0
+            else (self.deadline_s, self.basis)
+        )
+        return (deadline, basis) if now - self.at > deadline else None
 
 
 class UNetGroup:
@@ -112,7 +149,6 @@ class UNetGroup:
         self._fault: GroupFault | None = None
         self._failed_rebuilds: collections.deque[float] = collections.deque()
         self._warmups: list[tuple[int, int, int]] = []
-        self._typical_step: dict[tuple, float] = {}
         self._progress: _Progress | None = None
         self._threads_started: list[threading.Thread] = []
         if threads_per_rank is not None:
@@ -134,8 +170,17 @@ class UNetGroup:
             free_memory_now or free_memory(device, ranks if device.type == "cpu" else 1),
             self.pipeline.pipe.vae_scale_factor,
         )
-        self._set_state(SERVING)
+        self.step_times = StepTimes(
+            StepWork.count(self.pipeline.unet.config, TEXT_TOKENS), self.pipeline.pipe.vae_scale_factor
+        )
         self._start_thread(self._watch, "distrifusion-watchdog")
+        try:
+            with self._run_lock:
+                self._calibrate()
+        except BaseException:
+            self.close()
+            raise
+        self._set_state(SERVING)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -174,7 +219,25 @@ class UNetGroup:
             request.guidance_scale,
             request.scheduler,
         )
-        self.memory.check(_unet_rows(request), request.height, request.width)
+        self.memory.check(_unet_rows(request), request.height, request.width, self._holds(request))
+
+    def _holds(self, request: DenoiseRequest) -> bool:
+        scale = self.pipeline.pipe.vae_scale_factor
+        rows, guided = _unet_rows(request), request.guidance_scale > 1
+        return self.pipeline.unet.holds(rows, request.height // scale, request.width // scale, guided)
+
+    def _calibrate(self) -> None:
+        """Two short generations at the smallest sizes the group runs, before any other: the first
+        pays for the process's one-time set-up; the second, a new shape, measures what a generation
+        adds whatever its size (the memory model's fixed part) and times a step of the least work
+        (the basis of every deadline until a larger size is timed)."""
+        pipeline = self.pipeline
+        height, width = pipeline.geometry.smallest_size(pipeline.unet.topology.patch_group(False).size)
+        for columns in (width, 2 * width):
+            request = warmup_request(pipeline.unet.config, height, columns, TEXT_TOKENS, steps=2)
+            with peak_growth(pipeline.unet.device) as peak:
+                self._run(dataclasses.replace(request, compile_new_shape=False), _never)
+        self.memory.record_fixed(peak[0])
 
     def warm_up(self, height: int, width: int, text_tokens: int) -> None:
         """Runs every step phase of this size once (two short generations at batch 1), so that
@@ -192,9 +255,10 @@ class UNetGroup:
         try:
             for steps in (first_async + 3, first_async + 1):
                 request = warmup_request(unet_config, height, width, text_tokens, steps)
+                held = self._holds(request)
                 with peak_growth(self.pipeline.unet.device) as peak:
                     self._run(request, _never)
-                self.memory.record(_unet_rows(request), height, width, peak[0])
+                self.memory.record(_unet_rows(request), height, width, peak[0], held)
         except Exception as error:
             hint = "".join(
                 (
@@ -237,42 +301,51 @@ class UNetGroup:
             negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds.detach(),
             seeds=[random.randrange(2**63) if seed is None else seed for seed in request.seeds],
         )
-        shape = (request.height, request.width, len(request.seeds))
+        rows = _unet_rows(request)
         injection = FaultInjection()
-        completed = 0
+        progress = self._progress = self._new_progress(request, rows)
 
-        def on_step(step: int) -> None:
-            nonlocal completed
-            completed = step + 1
-            self._heartbeat(step + 1, shape)
+        def on_step(step: int, mark: StepMark) -> None:
+            progress.queued.append((step, mark))
             injection.check_step(0, step)
 
-        # The first step compiles when a compiled engine warms up a size (and only then).
-        self._heartbeat(0, shape, compiling=bool(self.config.compile) and request.compile_new_shape)
         fault = None
         try:
             for worker in self._workers:
                 worker.send("denoise", request)
             result = run_denoise(self.pipeline, request, should_stop, on_step)
         except Exception as error:
-            fault = self._fault_after(error).at_step(completed + 1, request.num_inference_steps)
+            progress.poll(time.monotonic())
+            fault = self._fault_after(error).at_step(progress.completed + 1, request.num_inference_steps)
         finally:
             self._progress = None
         if fault is not None:
             # Raised outside the except block, so it does not keep the failed generation's frames
             # (its tensors, the lost group's exchange buffers) alive through __context__.
             raise fault
-        # The deadline follows the typical step of the latest generation of this shape: its median,
-        # which one slow step (a capture, a neighbour starting up) does not move.
+        # The typical step of the latest generation of this size: its median, which one slow step
+        # (a capture, a neighbour starting up) does not move.
         steps = [record.seconds for record in self.pipeline.unet.steps]
         if steps:
-            self._typical_step[shape] = statistics.median(steps)
+            self.step_times.record(rows, request.height, request.width, statistics.median(steps))
         return result
 
-    def _heartbeat(self, step: int, shape: tuple, compiling: bool = False) -> None:
-        typical = self._typical_step.get(shape)
-        deadline = self.policy.deadline(typical, compiling)
-        self._progress = _Progress(step, time.monotonic(), deadline, typical, compiling)
+    def _new_progress(self, request: DenoiseRequest, rows: int) -> _Progress:
+        expected = self.step_times.expected(rows, request.height, request.width)
+        policy = self.policy
+        deadline = policy.deadline(None if expected is None else expected.seconds)
+        if expected is not None and deadline > policy.step_deadline_s:
+            basis = f"{policy.step_deadline_factor:g} x {expected.basis}"
+        else:
+            basis = "the floor"
+        first_deadline, first_basis = deadline, basis
+        # The first step compiles when a compiled engine warms up a size (and only then).
+        if self.config.compile and request.compile_new_shape:
+            first_deadline = policy.deadline(None if expected is None else expected.seconds, compiling=True)
+            first_basis = "the compile deadline"
+        return _Progress(
+            request.num_inference_steps, time.monotonic(), deadline, basis, first_deadline, first_basis
+        )
 
     def _fault_after(self, error: Exception) -> GroupFault:
         """The fault behind a failed generation: the watchdog's, if it names a lost rank within a
@@ -292,35 +365,37 @@ class UNetGroup:
         live = self.live_ranks
         while self._state != CLOSED:
             time.sleep(_POLL_SECONDS)
-            now_live = self.live_ranks
-            if now_live != live:
-                live = now_live
-                self._on_event("live_ranks", live=live, ranks=self.ranks)
-            if self._state == GAVE_UP:
-                continue
-            lost = next((w for w in list(self._workers) if not w.alive and not w.ended_by_us), None)
-            if lost is not None:
-                kind, cause = lost.cause_of_exit()
-                self._break(GroupFault(kind, lost.rank, lost.device, cause))
-                continue
-            progress = self._progress
-            if progress is not None and time.monotonic() - progress.at > progress.deadline_s:
-                stopped = next((w for w in self._workers if w.stopped()), None)
-                if progress.compiling:
-                    basis = "the compile deadline"
-                elif progress.typical_s is not None and progress.deadline_s > self.policy.step_deadline_s:
-                    basis = (
-                        f"{self.policy.step_deadline_factor:g} x the median step, {progress.typical_s:.2f} s"
-                    )
-                else:
-                    basis = "the floor"
-                waited = f"did not finish a step within the {progress.deadline_s:.1f} s deadline ({basis})"
-                if stopped is not None:
-                    self._break(
-                        GroupFault("deadline", stopped.rank, stopped.device, f"is stopped and {waited}")
-                    )
-                else:
-                    self._break(GroupFault("deadline", None, None, waited))
+            try:
+                live = self._watch_once(live)
+            except Exception as error:  # the watchdog must outlive anything it runs into
+                self._on_event("watchdog_error", error=error)
+
+    def _watch_once(self, live: int) -> int:
+        now_live = self.live_ranks
+        if now_live != live:
+            self._on_event("live_ranks", live=now_live, ranks=self.ranks)
+        if self._state == GAVE_UP:
+            return now_live
+        lost = next((w for w in list(self._workers) if not w.alive and not w.ended_by_us), None)
+        if lost is not None:
+            kind, cause = lost.cause_of_exit()
+            self._break(GroupFault(kind, lost.rank, lost.device, cause))
+            return now_live
+        progress = self._progress
+        if progress is None:
+            return now_live
+        now = time.monotonic()
+        progress.poll(now)
+        overdue = progress.overdue(now)
+        if overdue is not None:
+            deadline, basis = overdue
+            waited = f"did not finish a step within the {deadline:.1f} s deadline ({basis})"
+            stopped = next((w for w in self._workers if w.stopped()), None)
+            if stopped is not None:
+                self._break(GroupFault("deadline", stopped.rank, stopped.device, f"is stopped and {waited}"))
+            else:
+                self._break(GroupFault("deadline", None, None, waited))
+        return now_live
 
     def _break(self, fault: GroupFault) -> None:
         """Ends every worker and aborts the process group, so nothing waits on the lost rank;
@@ -340,8 +415,9 @@ class UNetGroup:
             worker.ended_by_us = True
             if worker.alive:
                 worker.process.kill()
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-            with contextlib.suppress(Exception):
+        # Another thread may be tearing the process group down: asking for its backend can raise.
+        with contextlib.suppress(Exception):
+            if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
                 dist.distributed_c10d._abort_process_group()
         if first:
             self._on_event("fault", fault=fault)

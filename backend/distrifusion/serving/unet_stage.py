@@ -209,7 +209,10 @@ class UNetStage:
             self.force_zeros_for_empty_prompt = bool(
                 self.group.pipeline.pipe.config.get("force_zeros_for_empty_prompt", True)
             )
-            for width, height in config.warmup:
+            # Largest first: every smaller size is then measured with the allocator in the state a
+            # larger request leaves it in (on the CPU a later request of a smaller size grew the
+            # resident memory by up to 1.5 times more than when it was measured first).
+            for width, height in sorted(config.warmup, key=lambda size: size[0] * size[1], reverse=True):
                 self.group.warm_up(height, width, text_tokens)
         except BaseException:
             self.group.close()
