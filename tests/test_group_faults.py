@@ -9,6 +9,7 @@ makes it give up. Faults are real: SIGKILL and SIGSTOP by pid, and the test-only
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -201,6 +202,20 @@ def test_a_device_running_behind_the_host_is_timed_by_the_steps_it_finished(
     assert not result.interrupted and len(device.finishes) == 25
     assert device.most_queued <= STEPS_AHEAD + 1, "the host ran further ahead of the device"
     assert restarts(events) == restarted, "a healthy group was declared dead"
+
+
+def test_a_larger_size_than_any_timed_gets_a_deadline_from_its_work(group, request_of, events) -> None:
+    """Its steps take 4 s on this device, over the 3 s floor, which a size never timed used to get;
+    the deadline is now 10 x the step expected from a timed size scaled by the work (a 1024x1024
+    step is about 100 times the work of a 128x128 one)."""
+    restarted = restarts(events)
+    request = dataclasses.replace(request_of(steps=2), height=1024, width=1024)
+    expected = group.step_times.expected(2, 1024, 1024)
+    assert expected is not None and "scaled by the work" in expected.basis
+    assert expected.seconds >= 4.0, expected
+    with rank_0_device(group, LaggingDevice(step_s=4.0), events):
+        assert not group.denoise(request).interrupted
+    assert restarts(events) == restarted
 
 
 def test_a_cancel_reaches_a_device_running_behind_within_steps_ahead(group, request_of, events) -> None:
