@@ -22,6 +22,7 @@ from distrifusion.vae.decode import (
     WHOLE_ENGINE,
     DecodeSettings,
     DecodeTooLarge,
+    EngineOutputError,
     VaeDecoder,
 )
 from distrifusion.vae.export import TileDecoderExport, TileStatisticsExport
@@ -147,6 +148,33 @@ def test_tiled_decode_beats_diffusers_tiling_at_the_same_tile_size(vae) -> None:
         assert 0.9 < ours_seams < their_seams, (
             f"{name}: seam score {ours_seams:.3f} vs diffusers' {their_seams:.3f}"
         )
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_an_engine_output_on_another_device_is_brought_back_or_named(vae, tiled: bool) -> None:
+    """A BLS output stays on the device its engine ran on (a TensorRT engine's GPU): mixing it with
+    the stage's CPU tensors failed every tiled decode. ``meta`` stands for a device whose memory
+    cannot be read here: the error names the engine and the device; a readable one is copied."""
+    settings = DecodeSettings.derive(
+        vae.config, GIB, tensorrt=False, tile=16, whole_max_pixels=None if not tiled else 1
+    )
+    latents = torch.randn(4, 24, 40, generator=torch.Generator().manual_seed(0))
+    run = torch_engines(vae)
+    expected, _ = VaeDecoder(settings, run).decode(latents)
+
+    def on_device(device: str):
+        def engine(model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return run(model, inputs).to(device)
+
+        return engine
+
+    image, _ = VaeDecoder(settings, on_device("cpu")).decode(latents)
+    assert torch.equal(image, expected)
+    engine = TILE_STATISTICS_ENGINE if tiled else WHOLE_ENGINE
+    with pytest.raises(
+        EngineOutputError, match=rf"{engine} returned its output on meta, which cannot be copied to cpu"
+    ):
+        VaeDecoder(settings, on_device("meta")).decode(latents)
 
 
 def test_settings_pick_whole_or_tiles_and_refuse_what_cannot_fit() -> None:

@@ -8,7 +8,11 @@ needs more memory than the budget even in tiles is refused before any work, nami
 the largest that fits.
 
 The engines are callables (``run(model, inputs) -> output``): Triton models through BLS in the
-served stage, ONNX Runtime sessions or torch modules in tests and benchmarks.
+served stage, ONNX Runtime sessions or torch modules in tests and benchmarks. An engine may hand its
+output back on another device than the latents' (a BLS output stays where its TensorRT engine ran
+unless the request asks for CPU memory, and instances of one model may sit on different GPUs): the
+decoder brings every output to the latents' device, and names the engine and the device when it
+cannot.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ Engine = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
 
 class DecodeTooLarge(ValueError):
     """A latent whose decode cannot fit the stage's memory budget, even in tiles."""
+
+
+class EngineOutputError(RuntimeError):
+    """An engine handed back an output the decoder cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +278,7 @@ class VaeDecoder:
         started = time.perf_counter()
         height, width = latents.shape[-2:]
         if self.settings.check(height, width):
-            image = self.run(WHOLE_ENGINE, {"latents": latents[None].contiguous()})[0]
+            image = self._run(WHOLE_ENGINE, {"latents": latents[None].contiguous()}, latents.device)[0]
             return image, DecodeRecord(height, width, 0, 1, time.perf_counter() - started)
         plan = self.settings.plan(height, width)
         chunks = [
@@ -284,17 +292,30 @@ class VaeDecoder:
             for chunk in chunks:
                 weights = torch.from_numpy(plan.latent_weights(chunk)).to(latents.device)
                 inputs = {"latents": plan.crop(latents, chunk).contiguous(), "weights": weights}
-                sums.append(self.run(TILE_STATISTICS_ENGINE, inputs))
+                sums.append(self._run(TILE_STATISTICS_ENGINE, inputs, latents.device))
                 calls += 1
             statistics = image_statistics(torch.cat(sums), self.settings.image_statistics)
         image = plan.empty_image(latents.device)
         for chunk in chunks:
             tiles = plan.crop(latents, chunk).contiguous()
             inputs = {"latents": tiles, "statistics": self._statistics_for(statistics, tiles)}
-            plan.blend_into(image, chunk, self.run(TILE_ENGINE, inputs))
+            plan.blend_into(image, chunk, self._run(TILE_ENGINE, inputs, latents.device))
             calls += 1
         pixels = image.round_().clamp_(0, 255).to(torch.uint8)
         return pixels, DecodeRecord(height, width, len(plan), calls, time.perf_counter() - started)
+
+    def _run(self, engine: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The engine's output on ``device``."""
+        output = self.run(engine, inputs)
+        if output.device == device:
+            return output
+        try:
+            return output.to(device)
+        except (NotImplementedError, RuntimeError) as error:
+            raise EngineOutputError(
+                f"{engine} returned its output on {output.device}, which cannot be copied to {device} "
+                f"where the decode runs ({error})"
+            ) from None
 
     def _statistics_for(self, statistics: torch.Tensor | None, tiles: torch.Tensor) -> torch.Tensor:
         """The image's statistics for every tile of a call; a share of 0 (each tile its own) without."""

@@ -22,10 +22,13 @@ class EngineError(RuntimeError):
 
 
 def _run(model: str, inputs: dict) -> torch.Tensor:
+    # A BLS output stays on the device its model produced it on (a TensorRT engine's GPU) unless the
+    # request asks for CPU memory; this stage blends and quantises on the CPU.
     request = pb_utils.InferenceRequest(
         model_name=model,
         requested_output_names=[ENGINE_OUTPUTS[model]],
         inputs=[pb_utils.Tensor.from_dlpack(name, tensor) for name, tensor in inputs.items()],
+        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
     )
     response = request.exec()
     if response.has_error():
