@@ -31,7 +31,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RESOLUTION = (1024, 1024)
 MAX_SIDE = 4096
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -105,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resolutions",
-        help="WIDTHxHEIGHT list in pixels, e.g. 1024x1024,2048x2048 (gpu: the VAE engine's profile "
-        "spans them, opt at the first; default: --max-resolution, else 1024x1024)",
+        help="WIDTHxHEIGHT list in pixels, e.g. 1024x1024,2048x2048: the default request size (the "
+        "first), the warm-up sizes and, on gpu, the sizes the VAE engine's profile spans (opt at the "
+        "first); default: the model's native size (its UNet's sample_size x the VAE scale, 1024x1024 "
+        "for SDXL), within --max-resolution",
     )
     parser.add_argument(
         "--max-resolution",
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--step-deadline-factor",
         type=float,
-        help="deadline = factor x the median step of a shape (default 10)",
+        help="deadline = factor x the step expected for a size: measured, or scaled from a measured "
+        "size by its work (default 10)",
     )
     faults.add_argument(
         "--max-rebuilds", type=int, help="failed rebuilds within the window that give up (default 3)"
@@ -388,6 +390,32 @@ def vae_decode_settings(args: argparse.Namespace, model_dir: Path, requests: Any
     return settings
 
 
+def build_sizes(
+    args: argparse.Namespace, model_dir: Path, max_resolution: tuple[int, int] | None
+) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """``--resolutions`` (default: the model's native size, within ``max_resolution``) and the largest
+    request size (gpu default: the largest of them; cpu default: None, the UNet stage's own)."""
+    if args.resolutions:
+        resolutions = parse_resolutions(args.resolutions)
+        if max_resolution is not None:
+            too_big = [f"{w}x{h}" for w, h in resolutions if w > max_resolution[0] or h > max_resolution[1]]
+            if too_big:
+                raise ValueError(
+                    f"--resolutions {', '.join(too_big)} exceed --max-resolution {args.max_resolution}"
+                )
+    else:
+        from distrifusion.geometry import ModelGeometry
+
+        side = ModelGeometry.read(model_dir).default_size  # the UNet's sample_size, in pixels
+        native = (side, side)
+        if max_resolution is not None:
+            native = (min(native[0], max_resolution[0]), min(native[1], max_resolution[1]))
+        resolutions = [native]
+    if max_resolution is None and args.target == "gpu":
+        max_resolution = (max(w for w, _ in resolutions), max(h for _, h in resolutions))
+    return resolutions, max_resolution
+
+
 def _size_multiple(model_dir: Path) -> int:
     """Pixel sizes must be multiples of this: the VAE factor times the UNet's downsampling."""
     factor = 1
@@ -430,25 +458,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_resolution = (
         parse_resolutions(args.max_resolution, "--max-resolution")[0] if args.max_resolution else None
     )
-    if args.resolutions:
-        resolutions = parse_resolutions(args.resolutions)
-        if max_resolution is not None:
-            too_big = [f"{w}x{h}" for w, h in resolutions if w > max_resolution[0] or h > max_resolution[1]]
-            if too_big:
-                raise ValueError(
-                    f"--resolutions {', '.join(too_big)} exceed --max-resolution {args.max_resolution}"
-                )
-    else:
-        resolutions = [max_resolution] if max_resolution else [DEFAULT_RESOLUTION]
-    if max_resolution is None and args.target == "gpu":
-        max_resolution = (max(w for w, _ in resolutions), max(h for _, h in resolutions))
-    batch_sizes = parse_batch_sizes(args.batch_sizes)
-    max_batch = max(batch_sizes)
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"--model: {model_dir} is not a diffusers directory (no model_index.json)")
+    size_multiple = _size_multiple(model_dir)  # also: unet/ and vae/ have their configs
+    resolutions, max_resolution = build_sizes(args, model_dir, max_resolution)
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    max_batch = max(batch_sizes)
     if output.exists() and any(output.iterdir()) and not args.force:
         raise ValueError(f"--output: {output} exists and is not empty (pass --force to replace it)")
-    _check_resolutions(resolutions + ([max_resolution] if max_resolution else []), _size_multiple(model_dir))
+    _check_resolutions(resolutions + ([max_resolution] if max_resolution else []), size_multiple)
     if not (unet_template / "config.pbtxt").is_file():
         raise ValueError(
             f"--unet-template: {unet_template} has no config.pbtxt (the UNet stage's model folder)"
@@ -465,9 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gpu_count = torch.cuda.device_count()
     unet_stage = unet_stage_config(args, resolutions, max_resolution, gpu_count)
     requests = unet_stage.requests
-    _check_resolutions(
-        [(requests.default_width, requests.default_height), *unet_stage.warmup], _size_multiple(model_dir)
-    )
+    _check_resolutions([(requests.default_width, requests.default_height), *unet_stage.warmup], size_multiple)
     vae_settings = vae_decode_settings(args, model_dir, requests)
 
     progress = Progress(total=7 if args.target == "gpu" else 6)
@@ -544,6 +560,7 @@ def _build(
     from distrifusion.serving.stage_config import MODEL_DIRECTORY
     from distrifusion.serving.tokenize import SDXLTokenizers
 
+    from . import parser_rules
     from . import tensorrt as trt_build
     from .repository import (
         ENSEMBLE,
@@ -591,7 +608,18 @@ def _build(
 
     onnx_paths: dict[str, Path] = {}
     onnx_dir = repo / ".onnx" if args.target == "gpu" else None
-    with progress.stage("exporting ONNX and checking it against PyTorch with ONNX Runtime"):
+    profiles = {}
+    if args.target == "gpu":
+        for name in ONNX_STAGES:
+            spec = modules[name][1]
+            profiles[name] = (
+                trt_build.vae_engine_profile(spec, vae_settings, unet_stage.requests, resolutions)
+                if name in VAE_ENGINES
+                else trt_build.encoder_profile(spec, batch_sizes)
+            )
+    with progress.stage(
+        "exporting ONNX, checking it against PyTorch with ONNX Runtime and against TensorRT's parser rules"
+    ):
         for name in ONNX_STAGES:
             module, spec = modules[name]
             if name in VAE_ENGINES:
@@ -633,6 +661,25 @@ def _build(
             }
             if not result.passed:
                 raise BuildError(f"ONNX check failed: {result.summary()}")
+            # The gpu target checks every tensor at its engine profile's largest shapes too.
+            largest = {n: shapes[2] for n, shapes in profiles[name].shapes.items()} if profiles else None
+            violations = parser_rules.check_graph(
+                exported.path, largest, stand_ins=parser_rules.FUSED_ATTENTION if fused else ()
+            )
+            if violations:
+                raise BuildError(
+                    f"{name}: TensorRT's ONNX parser would refuse {exported.path.name}:\n  "
+                    + "\n  ".join(str(violation) for violation in violations)
+                )
+            progress.log(
+                f"{name}: TensorRT parser rules ok"
+                + (f", every tensor within the element limit at {largest}" if largest else "")
+            )
+            manifest["stages"][name]["tensorrt_parser_rules"] = {
+                "passed": True,
+                "stand_ins": sorted(parser_rules.FUSED_ATTENTION) if fused else [],
+                "element_limit_checked_at": largest,
+            }
             onnx_paths[name] = exported.path
     del components
 
@@ -643,14 +690,9 @@ def _build(
             f"(sm {gpu_info['compute_capability']})"
         ):
             for name in ONNX_STAGES:
-                module, spec = modules[name]
+                spec = modules[name][1]
                 fp16 = trt_build.stage_precision(name)
-                if name in VAE_ENGINES:
-                    profile = trt_build.vae_engine_profile(
-                        spec, vae_settings, unet_stage.requests, resolutions
-                    )
-                else:
-                    profile = trt_build.encoder_profile(spec, batch_sizes)
+                profile = profiles[name]
                 began = time.perf_counter()
                 sidecar = trt_build.build_engine(
                     onnx_paths[name],
@@ -705,6 +747,7 @@ def _build(
         generated = "Generated by `python -m build_engines` from model_repository/{name}/config.pbtxt."
         platform = "tensorrt_plan" if args.target == "gpu" else None
         kind = "KIND_GPU" if args.target == "gpu" else "KIND_CPU"
+        engine_gpus = unet_stage.placement.engine_gpus
         engine_batch = {
             VAE_WHOLE: 1,
             VAE_TILE_STATISTICS: vae_settings.tiles_per_call,
@@ -713,7 +756,12 @@ def _build(
         for name in ONNX_STAGES:
             spec = modules[name][1]
             msg = stage_config(
-                load_template(templates, name), spec, engine_batch.get(name, max_batch), platform, kind
+                load_template(templates, name),
+                spec,
+                engine_batch.get(name, max_batch),
+                platform,
+                kind,
+                engine_gpus,
             )
             write_config(repo / name, msg, generated.format(name=name) + f"\nTarget: {args.target}.")
         msg = stage_config(

@@ -138,12 +138,19 @@ def _tensors(tensors: Iterable[Any]) -> dict[str, Any]:
 
 
 def stage_config(
-    template: ModelConfig, spec: StageSpec, max_batch_size: int, platform: str | None, instance_kind: str
+    template: ModelConfig,
+    spec: StageSpec,
+    max_batch_size: int,
+    platform: str | None,
+    instance_kind: str,
+    gpus: Sequence[int] = (),
 ) -> ModelConfig:
     """The served config of a stage: the template's fields, the spec's tensors, the target's backend.
 
     The template must name the same tensors with the same types as the spec (it documents them);
-    dims come from the spec (the model's config), ``optional`` flags from the template.
+    dims come from the spec (the model's config), ``optional`` flags from the template. ``gpus``:
+    one instance on each of these GPUs (``KIND_GPU``; without a list Triton puts one on every GPU
+    it sees).
     """
     msg = copy.deepcopy(template)
     for kind, specs in (("input", spec.inputs), ("output", spec.outputs)):
@@ -177,7 +184,10 @@ def stage_config(
         msg.ClearField("backend")
         msg.platform = platform
     del msg.instance_group[:]
-    msg.instance_group.add(count=1, kind=ModelInstanceGroup.Kind.Value(instance_kind))
+    kind = ModelInstanceGroup.Kind.Value(instance_kind)
+    if kind == ModelInstanceGroup.KIND_GPU and not gpus:
+        raise RepositoryError(f"{spec.name}: a KIND_GPU instance group needs its GPUs listed")
+    msg.instance_group.add(count=1, kind=kind, gpus=list(gpus))
     return msg
 
 

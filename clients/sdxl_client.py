@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate images with the sdxl ensemble on Triton.")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--negative-prompt", action="append", help="one per prompt (or one for all)")
-    parser.add_argument("--height", type=int, help="pixels (server default: 1024)")
-    parser.add_argument("--width", type=int, help="pixels (server default: 1024)")
+    parser.add_argument(
+        "--height", type=int, help="pixels (server default: the model's native size, 1024 for SDXL)"
+    )
+    parser.add_argument(
+        "--width", type=int, help="pixels (server default: the model's native size, 1024 for SDXL)"
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (server default: 30)")
     parser.add_argument("--guidance", type=float, help="guidance scale (server default: 5.0)")
     parser.add_argument("--seed", type=int, action="append", help="one per prompt (server default: random)")

@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
 from build_engines import tensorrt as trt_build
-from build_engines.build import build_parser, main, unet_stage_config
+from build_engines.build import build_parser, main, parse_resolutions, unet_stage_config
 from build_engines.repository import (
     TEMPLATES_DIR,
     RepositoryError,
@@ -103,6 +103,37 @@ def cpu_repo(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     args += ["--max-resolution", "512x512"]
     assert main(args) == 0
     return output
+
+
+@pytest.fixture(scope="module")
+def gpu_build(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The gpu target built here up to its engines: a stand-in for TensorRT's builder takes each
+    ONNX graph and profile the build hands it, and refuses what TensorRT's parser would (by the
+    rules, at the profile's largest shapes); every other part of the gpu build runs as on a GPU."""
+    from build_engines.parser_rules import check_graph
+
+    profiles: dict = {}
+
+    def build_engine(
+        onnx_path: Path, plan_path: Path, spec, profile, fp16: bool, workspace_bytes: int
+    ) -> dict:
+        largest = {name: shapes[2] for name, shapes in profile.shapes.items()}
+        violations = check_graph(onnx_path, largest)
+        if violations:
+            raise RuntimeError(f"{spec.name}: TensorRT's parser refuses it: {violations}")
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        profiles[spec.name] = profile
+        return {"model": spec.name, "precision": "fp16" if fp16 else "fp32+tf32", "builder": "stand-in"}
+
+    output = tmp_path_factory.mktemp("gpu-build") / "repo"
+    args = ["--model", str(tiny_sdxl_dir), "--output", str(output), "--target", "gpu"]
+    args += ["--unet-gpus", "0,1;2,3", "--max-resolution", "2048x2048", "--batch-sizes", "1,2"]
+    with pytest.MonkeyPatch.context() as patch:
+        info = {"tensorrt_version": "stand-in", "gpu": "none", "compute_capability": "0.0"}
+        patch.setattr(trt_build, "preflight", lambda: info)
+        patch.setattr(trt_build, "build_engine", build_engine)
+        assert main(args) == 0
+    return output, profiles
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
@@ -424,9 +455,72 @@ def test_manifest_records_the_checks(cpu_repo: Path) -> None:
         check = manifest["stages"][name]["onnx_check"]
         assert all(err <= check["limit"][out] for out, err in check["max_abs_error"].items())
     assert manifest["stages"]["unet"]["stage_config"]["placement"] == {"ranks": 2, "threads_per_rank": 1}
+    # The cpu graphs pass TensorRT's parser rules too, but for ONNX Runtime's fused attention, the
+    # declared stand-in of the VAE's (the gpu target exports it as MatMul, Softmax, MatMul).
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
+        fused = ["com.microsoft.MultiHeadAttention"] if name in VAE_ENGINES else []
+        assert manifest["stages"][name]["tensorrt_parser_rules"] == {
+            "passed": True,
+            "stand_ins": fused,
+            "element_limit_checked_at": None,
+        }
 
 
 # --- the GPU target ---------------------------------------------------------------------------------
+
+
+def test_the_gpu_build_hands_tensorrt_graphs_its_parser_takes(gpu_build: tuple[Path, dict]) -> None:
+    """The whole-latent VAE graph had a UINT8 intermediate tensor, which TensorRT's parser refuses:
+    the gpu build stopped after the text encoders. Every graph is now checked against the parser's
+    rules in the build, at its engine profile's largest shapes."""
+    repo, profiles = gpu_build
+    assert set(profiles) == {TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES}
+    manifest = json.loads((repo / "build_manifest.json").read_text())
+    for name, profile in profiles.items():
+        rules = manifest["stages"][name]["tensorrt_parser_rules"]
+        assert rules["passed"] and rules["stand_ins"] == []
+        assert rules["element_limit_checked_at"] == {
+            n: list(shapes[2]) for n, shapes in profile.shapes.items()
+        }
+
+
+def test_every_tensorrt_model_gets_one_instance_on_the_first_gpu_of_each_unet_group(
+    gpu_build: tuple[Path, dict],
+) -> None:
+    """KIND_GPU without a gpus list starts an instance on every GPU the server sees: 5 engines x 4
+    GPUs, each reserving its profile's largest shapes beside the UNet ranks."""
+    configs = check_repository(gpu_build[0])
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
+        (group,) = configs[name].instance_group
+        assert configs[name].platform == "tensorrt_plan"
+        assert (group.kind, list(group.gpus), group.count) == (ModelInstanceGroup.KIND_GPU, [0, 2], 1), name
+    assert configs["unet"].instance_group[0].count == 2
+
+
+def test_a_build_that_names_only_its_largest_size_serves_the_native_one_by_default(
+    tiny_sdxl_dir: Path, gpu_build: tuple[Path, dict]
+) -> None:
+    """--max-resolution alone made the largest size every request's default and the warm-up's
+    (3072 x 3072 in the CPU repository, whose first request failed at the step deadline)."""
+    from build_engines.build import build_sizes
+
+    def sizes(*flags: str) -> tuple:
+        target = [] if "--target" in flags else ["--target", "cpu"]
+        args = build_parser().parse_args(["--model", "m", "--output", "o", *target, *flags])
+        maximum = (
+            parse_resolutions(args.max_resolution, "--max-resolution")[0] if args.max_resolution else None
+        )
+        return build_sizes(args, tiny_sdxl_dir, maximum)
+
+    native = (1024, 1024)  # the tiny model's UNet sample_size (128) x the VAE's 8, as SDXL's
+    assert sizes("--max-resolution", "4096x4096") == ([native], (4096, 4096))
+    assert sizes("--max-resolution", "512x768") == ([(512, 768)], (512, 768))
+    assert sizes("--target", "gpu") == ([native], native)
+    assert sizes("--resolutions", "768x768") == ([(768, 768)], None)
+    stage = StageConfig.from_json_file(gpu_build[0] / "unet" / "1" / STAGE_CONFIG_NAME)
+    requests = stage.requests
+    assert (requests.default_width, requests.default_height) == native
+    assert (requests.max_width, requests.max_height) == (2048, 2048) and stage.warmup == (native,)
 
 
 def test_gpu_target_fails_clearly_without_tensorrt(tiny_sdxl_dir: Path, tmp_path: Path, capsys) -> None:
@@ -460,7 +554,7 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
         VAE_TILES: tile_decoder_spec(4, 30, 32),
     }
     configs = {
-        name: stage_config(load_template(TEMPLATES_DIR, name), spec, 4, "tensorrt_plan", "KIND_GPU")
+        name: stage_config(load_template(TEMPLATES_DIR, name), spec, 4, "tensorrt_plan", "KIND_GPU", (0, 2))
         for name, spec in specs.items()
     }
     configs[VAE_DECODER] = stage_config(
@@ -475,8 +569,14 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
     for name in specs:
         assert configs[name].platform == "tensorrt_plan" and not configs[name].backend
         assert "backend" not in format_config(configs[name])
-        assert configs[name].instance_group[0].kind == ModelInstanceGroup.KIND_GPU
+        (group,) = configs[name].instance_group
+        # One instance on each listed GPU: without the list Triton would start one on every GPU.
+        assert group.kind == ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 2] and group.count == 1
         assert validate_config(configs[name]) == []
+    with pytest.raises(RepositoryError, match="KIND_GPU instance group needs its GPUs listed"):
+        stage_config(
+            load_template(TEMPLATES_DIR, VAE_WHOLE), specs[VAE_WHOLE], 1, "tensorrt_plan", "KIND_GPU"
+        )
     assert _io(configs[TEXT_ENCODER_2], "output")["hidden_states"] == ("TYPE_FP32", [77, 1280])
     assert configs["unet"].instance_group[0].count == 2
 
@@ -516,6 +616,7 @@ def test_gpu_builds_serve_with_cuda_graphs_unless_told_not_to() -> None:
     stage = _gpu_stage("--unet-gpus", "0,1;2,3")
     assert stage.engine.device == "cuda" and stage.engine.cuda_graphs and stage.engine.dtype == "fp16"
     assert stage.placement.gpus == ((0, 1), (2, 3)) and stage.placement.instances == 2
+    assert stage.placement.engine_gpus == (0, 2)
     assert not _gpu_stage("--no-cuda-graphs").engine.cuda_graphs
     every_gpu = _gpu_stage()
     assert every_gpu.placement.gpus == ((0, 1, 2, 3),)

@@ -6,7 +6,9 @@
 - :class:`VaeDecoderExport`: raw final latents ``[B, 4, h, w]`` -> ``image`` uint8
   ``[B, 8h, 8w, 3]``. The graph itself undoes the latent scaling (and the per-channel latent
   mean/std when the VAE config has them, as diffusers' SDXL pipeline does), decodes, and applies
-  diffusers' post-processing: ``(x / 2 + 0.5).clamp(0, 1) * 255``, rounded, as uint8, NHWC.
+  diffusers' post-processing: ``(x / 2 + 0.5).clamp(0, 1) * 255``, NHWC, rounded, as uint8. The
+  cast to uint8 is the graph's last node: TensorRT's ONNX parser takes UINT8 tensors only as
+  network inputs and outputs (``build_engines/tensorrt_parser_rules.json``).
 """
 
 from __future__ import annotations
@@ -104,5 +106,5 @@ class VaeDecoderExport(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.vae.decode(self.unscale(latents), return_dict=False)[0]
-        image = (image / 2 + 0.5).clamp(0, 1) * 255
-        return image.round().to(torch.uint8).permute(0, 2, 3, 1)
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1)
+        return image.round().to(torch.uint8)

@@ -117,6 +117,13 @@ class Placement:
     def ranks_per_instance(self) -> int:
         return self.ranks if self.gpus is None else len(self.gpus[0])
 
+    @property
+    def engine_gpus(self) -> tuple[int, ...]:
+        """Where the TensorRT engines (text encoders, VAE) get an instance each: the first GPU of
+        every UNet instance, so that its memory check, on that rank, sees what they hold; none on
+        the CPU."""
+        return () if self.gpus is None else tuple(group[0] for group in self.gpus)
+
     def instance_gpus(self, instance: int, available: int) -> tuple[int, ...] | None:
         """The GPUs of model instance ``instance`` (None on the CPU); checks they exist."""
         if self.gpus is None:

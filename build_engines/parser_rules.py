@@ -1,0 +1,277 @@
+"""What TensorRT's ONNX parser refuses, checked on every exported graph before any engine is built.
+
+ONNX Runtime, which runs the graphs on the CPU and checks them against PyTorch, accepts graphs that
+TensorRT's parser refuses (a UINT8 intermediate tensor, a ``com.microsoft`` operator, a tensor over
+INT32_MAX elements). The rules are data, ``tensorrt_parser_rules.json`` beside this file, each with
+its source; :func:`check_graph` reads a graph against them:
+
+- tensor types: where each ONNX type may appear (UINT8 only as a network input or output);
+- operators: each node's operator is in the support matrix, for the type of its first input (and,
+  for ``Cast``, its target type); inputs that must be initializers are; attributes are supported
+  values; of ``LayerNormalization`` only the first output is used;
+- the opset is one TensorRT parses;
+- element limit (given the profile's largest input shapes): every tensor of the graph, by ONNX
+  Runtime's symbolic shape inference at those shapes, stays within INT32_MAX elements.
+
+Operators of other domains fail unless the caller names them as declared stand-ins (the CPU
+target's fused attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RULES_FILE = Path(__file__).resolve().parent / "tensorrt_parser_rules.json"
+FUSED_ATTENTION = frozenset({"com.microsoft.MultiHeadAttention"})
+"""The stand-in of the cpu target's VAE graphs (:mod:`distrifusion.export.attention`)."""
+
+# onnx.TensorProto data types, by the names the support matrix uses.
+_TYPE_NAMES = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    6: "INT32",
+    7: "INT64",
+    9: "BOOL",
+    10: "FP16",
+    11: "DOUBLE",
+    16: "BF16",
+    17: "FP8",
+    18: "FP8",
+    19: "FP8",
+    20: "FP8",
+    22: "INT4",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    rule: str
+    """``opset``, ``tensor type``, ``operator``, ``operator type``, ``constant input``, ``attribute``,
+    ``first output only``, ``element limit``."""
+    where: str
+    message: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message} [{self.rule}; {self.source}]"
+
+
+@functools.cache
+def load_rules(path: Path = RULES_FILE) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _type_name(elem_type: int) -> str:
+    return _TYPE_NAMES.get(elem_type, f"ONNX type {elem_type}")
+
+
+def _node_name(node: Any) -> str:
+    domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+    return f"node {node.name or '(unnamed)'} ({domain}{node.op_type})"
+
+
+def check_graph(
+    path: str | Path,
+    max_input_shapes: Mapping[str, Sequence[int]] | None = None,
+    stand_ins: Collection[str] = (),
+    rules: Mapping[str, Any] | None = None,
+) -> list[Violation]:
+    """Every rule the graph at ``path`` breaks (empty: TensorRT's parser takes it).
+
+    ``max_input_shapes``: the largest shape of each graph input (an engine profile's max, batch
+    included); without it the element limit is not checked. ``stand_ins``: ``domain.op`` names of
+    operators the caller serves with another runtime (declared in the rules' ``stand_ins``).
+    """
+    import onnx
+
+    rules = rules if rules is not None else load_rules()
+    sources = rules["sources"]
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    violations: list[Violation] = []
+
+    def violate(rule: str, where: str, message: str, source: str) -> None:
+        violations.append(Violation(rule, where, message, sources.get(source, source)))
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    lowest, highest = rules["opset"]["min"], rules["opset"]["max"]
+    if opset is None or not lowest <= opset <= highest:
+        violate(
+            "opset",
+            "model",
+            f"opset {opset}; TensorRT parses {lowest} to {highest}",
+            rules["opset"]["source"],
+        )
+
+    inferred = _infer(model, max_input_shapes)
+    initializers = {t.name for t in graph.initializer}
+    constants = initializers | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    io_names = {v.name for v in graph.input} | {v.name for v in graph.output}
+    types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        types[value.name] = value.type.tensor_type.elem_type
+
+    allowed = rules["tensor_types"]
+    for name, elem_type in types.items():
+        if elem_type == 0:
+            violate(
+                "tensor type",
+                f"tensor {name}",
+                "its type could not be inferred, so it cannot be checked",
+                "operators",
+            )
+            continue
+        type_name = _type_name(elem_type)
+        where_allowed = allowed.get(type_name, "nowhere")
+        if where_allowed == "anywhere" or (where_allowed == "io_only" and name in io_names):
+            continue
+        place = "a network input or output" if name in io_names else "an intermediate tensor"
+        what = "only as a network input or output" if where_allowed == "io_only" else "nowhere"
+        violate(
+            "tensor type",
+            f"tensor {name}",
+            f"is {type_name} ({place}); TensorRT takes {type_name} {what}",
+            rules["tensor_type_sources"].get(type_name, "operators"),
+        )
+
+    operators = rules["operators"]
+    consumed = {name for node in graph.node for name in node.input}
+    for node in graph.node:
+        where = _node_name(node)
+        if node.domain not in ("", "ai.onnx"):
+            qualified = f"{node.domain}.{node.op_type}"
+            if qualified not in stand_ins or qualified not in rules["stand_ins"]:
+                violate(
+                    "operator", where, f"{qualified} is not an ONNX operator TensorRT parses", "operators"
+                )
+            continue
+        supported = operators.get(node.op_type)
+        if supported is None:
+            violate("operator", where, f"{node.op_type} is not in TensorRT's support matrix", "operators")
+            continue
+        typed = node.input[0] if node.input and node.input[0] else (node.output[0] if node.output else "")
+        if types.get(typed):
+            type_name = _type_name(types[typed])
+            if type_name not in supported:
+                violate(
+                    "operator type",
+                    where,
+                    f"takes {type_name} ({typed}); TensorRT's {node.op_type} takes {', '.join(supported)}",
+                    "operators",
+                )
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Cast":
+            target = _type_name(attributes["to"])
+            if target not in supported:
+                violate(
+                    "operator type",
+                    where,
+                    f"casts to {target}; TensorRT casts to {', '.join(supported)}",
+                    "operators",
+                )
+        for index in rules["constant_inputs"].get(node.op_type, ()):
+            if index < len(node.input) and node.input[index] and node.input[index] not in constants:
+                violate(
+                    "constant input",
+                    where,
+                    f"input {index} ({node.input[index]}) is computed; TensorRT needs an initializer there",
+                    "constant_inputs",
+                )
+        for attribute, values in rules["attributes"].get(node.op_type, {}).items():
+            if attribute == "source" or attribute not in attributes:
+                continue
+            value = attributes[attribute]
+            value = value.decode() if isinstance(value, bytes) else value
+            if value not in values:
+                violate(
+                    "attribute",
+                    where,
+                    f"{attribute}={value!r}; TensorRT takes {values}",
+                    rules["attributes"][node.op_type]["source"],
+                )
+        if node.op_type in rules["first_output_only"]:
+            extra = [o for o in node.output[1:] if o and (o in consumed or o in io_names)]
+            if extra:
+                violate(
+                    "first output only",
+                    where,
+                    f"outputs {extra} are used; TensorRT supports only the first output",
+                    rules["first_output_only"][node.op_type],
+                )
+
+    if max_input_shapes is not None:
+        violations += _element_limit(inferred, max_input_shapes, rules, sources)
+    return violations
+
+
+def _infer(model: Any, max_input_shapes: Mapping[str, Sequence[int]] | None) -> Any:
+    """The graph with every tensor's type and shape, by ONNX Runtime's symbolic shape inference (it
+    knows the ``com.microsoft`` stand-ins too); at ``max_input_shapes`` when given."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    if max_input_shapes is not None:
+        _fix_input_shapes(model, max_input_shapes)
+    return SymbolicShapeInference.infer_shapes(
+        model, auto_merge=max_input_shapes is None, guess_output_rank=False
+    )
+
+
+def _fix_input_shapes(model: Any, max_input_shapes: Mapping[str, Sequence[int]]) -> None:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    missing = sorted({value.name for value in inputs} - set(max_input_shapes))
+    if missing:
+        raise ValueError(f"no largest shape for graph input(s) {missing}")
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        shape = list(max_input_shapes[value.name])
+        if len(shape) != len(dims):
+            raise ValueError(f"input {value.name}: shape {shape} for a graph input of rank {len(dims)}")
+        for dim, size in zip(dims, shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(size)
+
+
+def _element_limit(
+    inferred: Any,
+    max_input_shapes: Mapping[str, Sequence[int]],
+    rules: Mapping[str, Any],
+    sources: Mapping[str, str],
+) -> list[Violation]:
+    limit = rules["element_limit"]["max_elements"]
+    source = sources[rules["element_limit"]["source"]]
+    found = []
+    values = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    for name, value in values.items():
+        dims = value.type.tensor_type.shape.dim
+        size = (
+            math.prod(dim.dim_value for dim in dims)
+            if all(dim.HasField("dim_value") for dim in dims)
+            else None
+        )
+        if size is None:
+            found.append(
+                Violation(
+                    "element limit",
+                    f"tensor {name}",
+                    "its shape is unknown at the profile's largest input, so its size cannot be checked",
+                    source,
+                )
+            )
+        elif size > limit:
+            found.append(
+                Violation(
+                    "element limit",
+                    f"tensor {name}",
+                    f"has {size:,} elements at the profile's largest input {dict(max_input_shapes)}; TensorRT takes at most {limit:,}",
+                    source,
+                )
+            )
+    return found
