@@ -1,12 +1,18 @@
-# Sourced by scripts/gpu_check.sh and scripts/gpu_compile_check.sh: the results folder ($out), the
-# Python ($python) and, on a lent machine, the wheels carried in .whl/ and this checkout on the path.
+# Sourced by scripts/gpu_check.sh and scripts/gpu_compile_check.sh: the results folder ($out) and
+# the Python ($python, exported as SERVING_PYTHON for tritonserver's backend stub). On a lent
+# machine (no registry) the wheels carried in .whl/ (scripts/gpu_wheels.sh) and this checkout are
+# installed into that Python's own environment: the stub imports from it and ignores PYTHONPATH.
 out=${OUT:-build/gpu_check}
 mkdir -p "$out"
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=$PWD/.venv/bin/python
+python=$(command -v "$python")
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl \
+    || echo "gpu_env: the carried wheels did not install" >&2
 fi
-# The project from this checkout, uninstalled: the engine package and the top-level packages.
-export PYTHONPATH="$PWD/backend:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! "$python" -c "import distrifusion, build_engines, clients" 2>/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile -e . \
+    || echo "gpu_env: this checkout did not install into $python's environment" >&2
+fi
+export SERVING_PYTHON=$python PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -3,16 +3,22 @@
 # image has its own) on a model repository, in the foreground, under the supervisor:
 #   scripts/triton_server.sh [MODEL_REPOSITORY] [extra tritonserver flags...]
 # Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with HTTP_PORT, GRPC_PORT, METRICS_PORT).
+# SERVING_PYTHON: an interpreter whose environment already holds this project, its requirements and the
+# nvidia-pytriton wheel (a lent GPU machine, scripts/gpu_env.sh); otherwise .venv, set up first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+if [ -n "${SERVING_PYTHON:-}" ]; then
+  python=$(command -v "$SERVING_PYTHON")
+else
+  scripts/setup.sh
+  python=$(pwd)/.venv/bin/python
+fi
 
 repository=${1:-build/model_repository_cpu}
 shift || true
-venv=$(pwd)/.venv
-site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-python_libdir=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
-python_version=$("$venv/bin/python" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+python_libdir=$("$python" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
+python_version=$("$python" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 
 # The wheel's server tree is read-only data: run a writable copy with this Python's backend stub.
 server=.cache/tritonserver
@@ -26,14 +32,14 @@ fi
 
 # The stub embeds the first python3 on PATH (ours, with torch and this project) and must load the
 # libpython of the same build.
-export PATH="$venv/bin:$PATH"
+export PATH="$(dirname "$python"):$PATH"
 export LD_LIBRARY_PATH="$python_libdir:$site/nvidia_pytriton.libs:${LD_LIBRARY_PATH:-}"
 export HF_HUB_OFFLINE=1
 # Under the supervisor (distrifusion.serving.supervisor), as in the production image: it reloads
 # dead Python-backend stubs and holds readiness false while any part is broken, which needs the
 # model-control API (explicit mode; the ensemble loads its composing models, and the VAE engines
 # that its vae_decoder stage calls through BLS are named here).
-exec "$venv/bin/python" -m distrifusion.serving.supervisor -- "$server/bin/tritonserver" \
+exec "$python" -m distrifusion.serving.supervisor -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
   --model-control-mode=explicit --load-model=sdxl \
   --load-model=vae_decoder_whole --load-model=vae_decoder_tile_statistics --load-model=vae_decoder_tiles \

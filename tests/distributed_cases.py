@@ -142,6 +142,25 @@ def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item()
 
 
+def staged_all_gathers() -> list[torch.Tensor]:
+    """All-gathers of this rank's distinct data, direct and staged through host memory (what a gloo
+    group with ranks on CUDA does), blocking and asynchronous; on rank 0 the four results."""
+    from distrifusion.collectives import ProcessGroupCollective
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for staged in (False, True):
+        collective = ProcessGroupCollective(stage_through_host=staged)
+        for async_op in (False, True):
+            sent = torch.arange(6, dtype=torch.float32) + 10 * rank
+            received = torch.full((world * 6,), -1.0)
+            work = collective.all_gather(received, sent, None, async_op)
+            if async_op:
+                work.wait()
+            results.append(received)
+    return results
+
+
 def step_communication(model_dir: str, steps: int, warmup_steps: int) -> list[list[tuple[str, int, int]]]:
     """(phase, collectives, bytes sent) of every UNet step, for two generations in a row."""
     pipeline = DistriPipeline.from_pretrained(

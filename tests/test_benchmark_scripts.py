@@ -4,6 +4,7 @@ report every configuration it measures, with the engine's byte counts of the sim
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,23 @@ def test_layers_write_their_fresh_data_straight_into_the_send_buffers(
     stacked = direct["grown"]["stack"][1]
     assert stacked > 0 and direct["plain"] == copied["plain"]
     assert copied["band"] - direct["band"] == stacked
+
+
+def test_the_gpu_check_names_what_this_machine_lacks_before_any_gpu_work(tmp_path: Path) -> None:
+    """On a machine without CUDA it stops at its prerequisites, in seconds, naming what is missing
+    and which stages would not run; a lent machine spends no GPU time learning that."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    script = ROOT / "scripts" / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script), "quick"], env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "MISSING   torch with CUDA: needed by every stage" in log
+    assert "stages: gpu test tier SKIPPED" in log
+    assert "cannot run the GPU checks: torch with CUDA missing" in log
+    assert "== gpu_tests" not in log, "no stage runs without its prerequisites"
+    usage = subprocess.run(["bash", str(script), "slow"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage: scripts/gpu_check.sh [quick|full]" in usage.stderr

@@ -622,6 +622,17 @@ def test_gpu_builds_serve_with_cuda_graphs_unless_told_not_to() -> None:
     assert every_gpu.placement.gpus == ((0, 1, 2, 3),)
 
 
+def test_a_cpu_build_may_put_its_unet_on_gpus() -> None:
+    """ONNX Runtime engines on the CPU, the UNet on GPUs: what a GPU machine without TensorRT serves
+    (the GPU check's served request)."""
+    from build_engines.build import parse_resolutions
+
+    args = build_parser().parse_args(["--model", "m", "--output", "o", "--target", "cpu", "--unet-gpus", "0"])
+    stage = unet_stage_config(args, parse_resolutions("512x512"), None, 0)
+    assert stage.placement.gpus == ((0,),) and stage.engine.device == "cuda" and stage.engine.cuda_graphs
+    assert stage.placement.engine_gpus == (0,)
+
+
 def test_gpu_requests_are_bounded_by_the_vae_profile() -> None:
     requests = _gpu_stage().requests
     # The VAE engine's profile spans the resolutions; smaller sizes would fail in TensorRT only
@@ -771,7 +782,7 @@ def test_check_ensemble_finds_inconsistencies() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--target", "cpu", "--unet-gpus", "0,1"], "--unet-gpus"),
+        (["--target", "cpu", "--unet-gpus", "0", "--threads-per-rank", "2"], "--threads-per-rank"),
         (["--target", "cpu", "--resolutions", "1000x1000"], "not multiples of 32"),
         (["--target", "cpu", "--resolutions", "1024"], "WIDTHxHEIGHT"),
         (["--target", "cpu", "--split-batch", "--unet-ranks", "3"], "split_batch: needs an even number"),

@@ -44,3 +44,16 @@ def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
 
     assert (added("tiled"), added("whole")) == (1, 0)
     assert f"vae_decoder: {width}x{height} decoded in " in server.log_tail(200_000)
+
+
+def test_a_request_naming_only_a_prompt_and_a_seed_gets_the_native_size(server, tmp_path) -> None:
+    """The repository accepts up to 4096 x 4096; a request that names no size gets the model's
+    native size (1024 x 1024 for this model, as for SDXL) and its default 30 steps, not the largest
+    size (a 3072 x 3072 default failed its first request after 100 s at the step deadline's floor)."""
+    command = [sys.executable, "-m", "clients.sdxl_client", "--url", server.grpc, "--prompt", "a red fox",
+               "--seed", "4", "--output-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (path,) = json.loads(done.stdout)["images"]
+    with Image.open(path) as image:
+        assert image.size == (1024, 1024)

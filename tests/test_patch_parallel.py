@@ -19,6 +19,7 @@ from distributed_cases import (
     patch_op_errors,
     reference_outputs,
     run_jobs,
+    staged_all_gathers,
     step_communication,
 )
 
@@ -145,6 +146,7 @@ def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
 
 PATCH_OPERATORS = "patch operators on fresh data"
 STEP_COMMUNICATION = "step communication"
+STAGED_ALL_GATHERS = "all-gathers staged through host memory"
 
 
 def run_world(world: int, model_dirs: dict[str, Path], cases: list[tuple[str, str, dict, dict]]) -> dict:
@@ -163,6 +165,7 @@ def run_world(world: int, model_dirs: dict[str, Path], cases: list[tuple[str, st
     jobs[PATCH_OPERATORS] = (patch_op_errors, (0,))
     if world == 2:
         jobs[STEP_COMMUNICATION] = (step_communication, (str(model_dirs["sdxl"]), 5, 1))
+        jobs[STAGED_ALL_GATHERS] = (staged_all_gathers, ())
     results = spawn_local(run_jobs, world, (list(jobs.values()),), threads_per_rank=1)
     outputs = {}
     for name, result in zip(jobs, results, strict=True):
@@ -282,6 +285,16 @@ def test_each_patch_operator_on_fresh_data_equals_the_full_operator(world_output
     world, outputs = world_outputs
     for op, error in outputs[PATCH_OPERATORS].items():
         assert error < 1e-5, f"{world} ranks, {op}: max abs error {error:.2e}"
+
+
+def test_all_gathers_staged_through_host_memory_equal_direct_ones(world_outputs) -> None:
+    """How a gloo group whose ranks share a GPU all-gathers (the GPU tier's two ranks on one GPU)."""
+    world, outputs = world_outputs
+    if world != 2:
+        pytest.skip("checked on 2 ranks")
+    expected = torch.tensor([*range(6), *range(10, 16)], dtype=torch.float32)
+    for result in outputs[STAGED_ALL_GATHERS]:
+        assert torch.equal(result, expected)
 
 
 def test_async_steps_batch_their_all_gathers_and_the_last_step_sends_nothing(world_outputs) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from PIL import Image
 from processes import descendants, still_running_after
 from tritonclient.utils import InferenceServerException
 
@@ -68,6 +72,22 @@ def test_generation_over_both_protocols(server: CpuServer, protocol: str) -> Non
     assert images.std() > 0
 
 
+def test_the_standard_library_rest_client_gets_the_same_image(server: CpuServer, tmp_path: Path) -> None:
+    """clients/rest_request.py: what the GPU check sends where tritonclient is not installed."""
+    output = tmp_path / "fox.png"
+    command = [sys.executable, "-m", "clients.rest_request", "--url", server.http, "--prompt", "a red fox",
+               "--seed", "5", "--height", "128", "--width", "128", "--steps", "4", "--output", str(output)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["seed"] == 5
+    expected = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"][0]
+    with Image.open(output) as image:
+        assert np.array_equal(np.asarray(image), expected)
+    refused = subprocess.run([*command[:-2], "--height", "130", "--output", str(output)], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "HTTP 400" in refused.stderr and "height" in refused.stderr
+
+
 def test_same_seed_same_image_other_seed_other_image(server: CpuServer) -> None:
     first = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
     again = generate(server.grpc, prompts=["a red fox"], seeds=[5], **SMALL)["images"]
@@ -123,7 +143,7 @@ BAD_REQUESTS = {
     "missing prompt": ({"prompt": None}, "prompt"),
     "empty prompt": ({"prompt": [b""]}, "prompt"),
     "height not a multiple of 8": ({"height": 130}, "height"),
-    "height beyond the built range": ({"height": 4096}, "height"),  # the CPU repository's: 3072
+    "height beyond the built range": ({"height": 4128}, "height"),  # the CPU repository's: 4096
     "zero steps": ({"num_inference_steps": 0}, "num_inference_steps"),
     "absurd steps": ({"num_inference_steps": 100000}, "num_inference_steps"),
     "NaN guidance": ({"guidance_scale": float("nan")}, "guidance_scale"),

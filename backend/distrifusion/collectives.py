@@ -33,7 +33,15 @@ class Collective(Protocol):
 
 
 class ProcessGroupCollective:
-    """torch.distributed's flat all-gather on the given group (None: the default group)."""
+    """torch.distributed's flat all-gather on the given group (None: the default group).
+
+    A gloo group with ranks on CUDA (several ranks sharing one GPU, which NCCL refuses: the GPU
+    tests) stages the tensors through host memory; ``stage_through_host`` forces that (True) or
+    never does it (False) instead of deciding by the group's backend and the tensors' device.
+    """
+
+    def __init__(self, stage_through_host: bool | None = None) -> None:
+        self.stage_through_host = stage_through_host
 
     def all_gather(
         self, output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool
@@ -41,7 +49,31 @@ class ProcessGroupCollective:
         # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; the torch of some GPU
         # images (2.11) has only the old name.
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return gather(output, input, group=group, async_op=async_op)
+        staged = self.stage_through_host
+        if staged is None:
+            staged = input.device.type != "cpu" and dist.get_backend(group) == "gloo"
+        if not staged:
+            return gather(output, input, group=group, async_op=async_op)
+        host_output = torch.empty(output.shape, dtype=output.dtype)
+        work = gather(host_output, input.cpu(), group=group, async_op=async_op)
+        staged_work = _CopiedBack(work, host_output, output)
+        if async_op:
+            return staged_work
+        staged_work.wait()
+        return None
+
+
+class _CopiedBack:
+    """An all-gather into host memory, copied into its real output once waited for."""
+
+    def __init__(self, work: Work | None, host_output: torch.Tensor, output: torch.Tensor) -> None:
+        self._work, self._host_output, self._output = work, host_output, output
+
+    def wait(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+        self._output.copy_(self._host_output)
+        return True
 
 
 class _Completed:

@@ -47,6 +47,16 @@ def select_device(device: str, index: int | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def select_device_exact_fp32(device: str, index: int | None) -> torch.device:
+    """:func:`select_device`, with TF32 off in this process (cuDNN convolutions use it for fp32 by
+    default on Ampere and later): fp32 results compared across processes then agree to rounding
+    (about 1e-6) instead of TF32's 1e-3. For tests and exactness checks; pass it as a group's
+    placement hook so that every rank, spawned ones too, runs it."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return select_device(device, index)
+
+
 def init_from_environment(device: str) -> None:
     """Joins the group torchrun describes; on CUDA each rank takes the GPU of its local rank."""
     select_device(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
@@ -54,14 +64,20 @@ def init_from_environment(device: str) -> None:
 
 
 def init_local_rank(
-    rank: int, world_size: int, port: int, device: str, timeout: datetime.timedelta | None = None
+    rank: int,
+    world_size: int,
+    port: int,
+    device: str,
+    timeout: datetime.timedelta | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Joins a group of ``world_size`` processes on this machine, rendezvous on 127.0.0.1:``port``.
+    """Joins a group of ``world_size`` processes on this machine, rendezvous on 127.0.0.1:``port``,
+    with ``backend`` (None: NCCL for CUDA, gloo for the CPU).
 
     The device must be selected first (:func:`select_device`).
     """
     dist.init_process_group(
-        default_backend(device),
+        backend or default_backend(device),
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
+from distrifusion.serving.denoise import DenoiseRequest
 from distrifusion.tiny_model import SDXL_SCHEDULER_CONFIG, sdxl_unet_config
 
 # Wider than the CPU tests' UNet so that fp16 rounding and kernel choices are those of real
@@ -50,6 +51,28 @@ def unet_inputs(dtype: torch.dtype, batch: int = 2, height: int = 64, width: int
 def call(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         return unet(**inputs, return_dict=False)[0].clone()
+
+
+def denoise_request(steps: int = 8, height: int = 512, width: int = 512) -> DenoiseRequest:
+    """One prompt of random embeddings, seed 5, guidance 5."""
+    generator = torch.Generator().manual_seed(3)
+    pooled = UNET_CONFIG["projection_class_embeddings_input_dim"] - 6 * UNET_CONFIG["addition_time_embed_dim"]
+    embeds = torch.randn(1, TEXT_TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
+    return DenoiseRequest(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=torch.randn(1, pooled, generator=generator),
+        negative_prompt_embeds=torch.zeros_like(embeds),
+        negative_pooled_prompt_embeds=torch.zeros(1, pooled),
+        seeds=[5],
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+    )
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def save_unet_only(directory: Path, seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ranks import ThreadRanks, build_unet, call, unet_inputs
+from ranks import ThreadRanks, build_unet, call, relative_error, unet_inputs
 
 from distrifusion.collectives import ReplicatingCollective
 from distrifusion.config import DistriConfig
@@ -28,10 +28,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def engine(dtype: str, cuda_graphs: bool, topology: Topology | None = None, **config) -> DistriUNet:

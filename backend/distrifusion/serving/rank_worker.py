@@ -48,6 +48,7 @@ def _worker_main(
     placement: DevicePlacement,
     threads: int | None,
     collective_timeout_s: float,
+    backend: str | None,
     parent: int,
     commands: Any,
     replies: Any,
@@ -63,7 +64,7 @@ def _worker_main(
         # cannot start does not leave it waiting in init_process_group for the whole timeout.
         replies.send(("placed", str(device)))
         timeout = datetime.timedelta(seconds=collective_timeout_s)
-        init_local_rank(rank, world, port, config.device, timeout=timeout)
+        init_local_rank(rank, world, port, config.device, timeout=timeout, backend=backend)
         pipeline = load_unet_pipeline(model_directory, config, device)
         replies.send(("ready", str(device)))
     except Exception:
@@ -96,6 +97,7 @@ class RankWorker:
         placement: DevicePlacement,
         threads: int | None,
         collective_timeout_s: float,
+        backend: str | None = None,
     ) -> None:
         context = mp.get_context("spawn")
         command_reader, self._commands = context.Pipe(duplex=False)
@@ -105,7 +107,7 @@ class RankWorker:
         self.process = context.Process(
             target=_worker_main,
             args=(rank, world, port, config, model_directory, device_index, placement, threads,
-                  collective_timeout_s, os.getpid(), command_reader, reply_writer),
+                  collective_timeout_s, backend, os.getpid(), command_reader, reply_writer),
             daemon=True,
             name=f"distrifusion-rank{rank}",
         )  # fmt: skip

@@ -113,7 +113,8 @@ class UNetGroup:
 
     ``devices``: GPU indices, one per rank (CUDA), or None on the CPU, where ``ranks`` processes
     share the cores (``threads_per_rank`` each). ``placement`` puts each rank on its device;
-    ``policy`` bounds hangs and rebuilds.
+    ``policy`` bounds hangs and rebuilds. ``backend``: the process group's (None: NCCL on CUDA,
+    gloo on the CPU; gloo lets several ranks share one GPU, which NCCL refuses, for tests).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class UNetGroup:
         policy: FaultPolicy | None = None,
         on_event: EventSink = _ignore,
         free_memory_now: FreeMemory | None = None,
+        backend: str | None = None,
     ) -> None:
         config.validate_world(ranks)
         if devices is not None and len(devices) != ranks:
@@ -140,6 +142,7 @@ class UNetGroup:
         self._device_indices = devices
         self._threads = threads_per_rank
         self._placement = placement
+        self._backend = backend
         self._on_event = on_event
         self._workers: list[RankWorker] = []
         self._lock = threading.Condition()
@@ -475,7 +478,7 @@ class UNetGroup:
             )
         if self.ranks > 1:
             timeout = datetime.timedelta(seconds=self.policy.collective_timeout_s)
-            init_local_rank(0, self.ranks, port, self.config.device, timeout=timeout)
+            init_local_rank(0, self.ranks, port, self.config.device, timeout=timeout, backend=self._backend)
         if self.pipeline is None:
             self.pipeline = load_unet_pipeline(self.model_directory, self.config, device)
         else:
@@ -502,6 +505,7 @@ class UNetGroup:
             self._placement,
             self._threads,
             self.policy.collective_timeout_s,
+            self._backend,
         )
 
     def _teardown(self) -> None:
