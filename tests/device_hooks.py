@@ -1,5 +1,5 @@
 """A device hook for spawned ranks (importable, as spawn requires): records where each rank would
-go on CUDA, and keeps it on the CPU."""
+go on CUDA and whether TF32 is on in its process, and keeps it on the CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ PLACEMENTS_FILE = "DISTRIFUSION_TEST_PLACEMENTS"
 
 
 def record_placement(device: str, index: int | None) -> torch.device:
+    """Writes ``<pid> <device> <index> <cuDNN TF32> <matmul TF32>``."""
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     with open(os.environ[PLACEMENTS_FILE], "a") as log:
-        log.write(f"{os.getpid()} {device} {index}\n")
+        log.write(f"{os.getpid()} {device} {index} {tf32[0]} {tf32[1]}\n")
     return torch.device("cpu")

@@ -175,15 +175,18 @@ def test_every_rank_is_placed_on_its_own_gpu_through_the_device_hook(
     tiny_sdxl_dir: Path, tmp_path: Path, devices: list[int]
 ) -> None:
     """Instance 1 of gpus "0,1;2,3" puts rank 0 (the stub's process) on GPU 2 and rank 1 on GPU 3;
-    a one-GPU instance ("0;1", instance 1) puts its only rank on GPU 1, not on GPU 0."""
+    a one-GPU instance ("0;1", instance 1) puts its only rank on GPU 1, not on GPU 0. The hook runs
+    in every rank's process: ExactFp32 turns TF32 off there, spawned ranks too (the GPU tests'
+    fp32 comparisons across processes need it)."""
     log = tmp_path / "placements"
     script = textwrap.dedent(f"""
         import json, os
         from device_hooks import record_placement
         from distrifusion.config import DistriConfig
+        from distrifusion.launch import ExactFp32
         from distrifusion.serving.unet_group import UNetGroup
         group = UNetGroup({str(tiny_sdxl_dir)!r}, DistriConfig(), ranks={len(devices)}, devices={devices},
-                          threads_per_rank=1, placement=record_placement)
+                          threads_per_rank=1, placement=ExactFp32(record_placement))
         print(json.dumps({{"pid": os.getpid(), "devices": group.devices}}), flush=True)
         group.close()
     """)
@@ -194,7 +197,10 @@ def test_every_rank_is_placed_on_its_own_gpu_through_the_device_hook(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     lines = [line.split() for line in log.read_text().splitlines()]
-    by_process = {int(pid): int(index) for pid, _, index in lines}
+    by_process = {int(pid): int(index) for pid, _, index, *_ in lines}
+    assert {(cudnn, matmul) for *_, cudnn, matmul in lines} == {("False", "False")}, (
+        "TF32 is off in every rank"
+    )
     assert len(lines) == len(devices) == len(by_process)
     assert by_process[report["pid"]] == devices[0], "rank 0 runs in the stub process"
     assert sorted(by_process.values()) == sorted(devices)

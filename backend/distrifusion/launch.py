@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pickle
@@ -47,14 +48,20 @@ def select_device(device: str, index: int | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def select_device_exact_fp32(device: str, index: int | None) -> torch.device:
-    """:func:`select_device`, with TF32 off in this process (cuDNN convolutions use it for fp32 by
-    default on Ampere and later): fp32 results compared across processes then agree to rounding
-    (about 1e-6) instead of TF32's 1e-3. For tests and exactness checks; pass it as a group's
-    placement hook so that every rank, spawned ones too, runs it."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return select_device(device, index)
+@dataclasses.dataclass(frozen=True)
+class ExactFp32:
+    """A device hook that turns TF32 off in its rank's process, then places the rank with
+    ``placement``: cuDNN convolutions use TF32 for fp32 by default on Ampere and later, so fp32
+    results compared across processes agree to TF32's 1e-3 instead of rounding's 1e-6. For tests and
+    exactness checks, as a group's placement hook, which every rank runs (spawned ones too; a
+    setting made in the calling process would not reach them)."""
+
+    placement: Callable[[str, int | None], torch.device] = select_device
+
+    def __call__(self, device: str, index: int | None) -> torch.device:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return self.placement(device, index)
 
 
 def init_from_environment(device: str) -> None:

@@ -3,7 +3,7 @@ own GPU, full_sync equal to one GPU, the production settings (fp16, CUDA graphs,
 finite, warm-up at load and replay of its graphs.
 
 fp32 comparisons turn TF32 off in every rank through the group's placement hook
-(:func:`~distrifusion.launch.select_device_exact_fp32`): a fixture of this process would not reach
+(:class:`~distrifusion.launch.ExactFp32`): a fixture of this process would not reach
 the spawned ranks, whose cuDNN convolutions would run in TF32 (errors near 1e-3)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from ranks import TEXT_TOKENS, denoise_request, relative_error, save_unet_only
 
 from distrifusion.config import DistriConfig
-from distrifusion.launch import select_device_exact_fp32
+from distrifusion.launch import ExactFp32
 from distrifusion.serving.denoise import load_unet_pipeline, run_denoise
 from distrifusion.serving.unet_group import UNetGroup
 
@@ -29,9 +29,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_full_sync_on_two_gpus_equals_one_gpu(model_dir: Path) -> None:
     config = DistriConfig(mode="full_sync", dtype="fp32", device="cuda", cuda_graphs=False)
-    device = select_device_exact_fp32("cuda", 0)
+    device = ExactFp32()("cuda", 0)
     single = run_denoise(load_unet_pipeline(str(model_dir), config, device), denoise_request())
-    group = UNetGroup(str(model_dir), config, ranks=2, devices=[0, 1], placement=select_device_exact_fp32)
+    group = UNetGroup(str(model_dir), config, ranks=2, devices=[0, 1], placement=ExactFp32())
     try:
         assert group.devices == ["cuda:0", "cuda:1"]
         result = group.denoise(denoise_request())
