@@ -3,15 +3,20 @@ that stand in for other GPUs on a one-GPU machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-from distrifusion.serving.denoise import DenoiseRequest
+from distrifusion.config import DistriConfig
+from distrifusion.launch import ExactFp32
+from distrifusion.serving.denoise import DenoiseRequest, load_unet_pipeline, run_denoise, warmup_request
+from distrifusion.serving.unet_group import UNetGroup
 from distrifusion.tiny_model import SDXL_SCHEDULER_CONFIG, sdxl_unet_config
 
 # Wider than the CPU tests' UNet so that fp16 rounding and kernel choices are those of real
@@ -54,21 +59,33 @@ def call(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def denoise_request(steps: int = 8, height: int = 512, width: int = 512) -> DenoiseRequest:
-    """One prompt of random embeddings, seed 5, guidance 5."""
+    """One prompt of random embeddings (zeros could hide a mix-up), seed 5, guidance 5."""
     generator = torch.Generator().manual_seed(3)
-    pooled = UNET_CONFIG["projection_class_embeddings_input_dim"] - 6 * UNET_CONFIG["addition_time_embed_dim"]
-    embeds = torch.randn(1, TEXT_TOKENS, UNET_CONFIG["cross_attention_dim"], generator=generator)
-    return DenoiseRequest(
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=torch.randn(1, pooled, generator=generator),
-        negative_prompt_embeds=torch.zeros_like(embeds),
-        negative_pooled_prompt_embeds=torch.zeros(1, pooled),
+    request = warmup_request(types.SimpleNamespace(**UNET_CONFIG), height, width, TEXT_TOKENS, steps)
+    return dataclasses.replace(
+        request,
+        prompt_embeds=torch.randn(request.prompt_embeds.shape, generator=generator),
+        pooled_prompt_embeds=torch.randn(request.pooled_prompt_embeds.shape, generator=generator),
         seeds=[5],
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
+        compile_new_shape=False,
     )
+
+
+def full_sync_error(model_dir: Path, devices: list[int], backend: str | None = None) -> float:
+    """Relative error of a full_sync fp32 group on ``devices`` against one rank on GPU 0, TF32 off
+    in every rank."""
+    config = DistriConfig(mode="full_sync", dtype="fp32", device="cuda", cuda_graphs=False)
+    single = run_denoise(
+        load_unet_pipeline(str(model_dir), config, ExactFp32()("cuda", 0)), denoise_request()
+    )
+    group = UNetGroup(
+        str(model_dir), config, ranks=len(devices), devices=devices, backend=backend, placement=ExactFp32()
+    )
+    try:
+        assert group.devices == [f"cuda:{index}" for index in devices]
+        return relative_error(group.denoise(denoise_request()).latents, single.latents)
+    finally:
+        group.close()
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

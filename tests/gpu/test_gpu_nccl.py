@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import TEXT_TOKENS, denoise_request, relative_error, save_unet_only
+from ranks import TEXT_TOKENS, denoise_request, full_sync_error, save_unet_only
 
 from distrifusion.config import DistriConfig
-from distrifusion.launch import ExactFp32
-from distrifusion.serving.denoise import load_unet_pipeline, run_denoise
 from distrifusion.serving.unet_group import UNetGroup
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL")
@@ -28,16 +26,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_full_sync_on_two_gpus_equals_one_gpu(model_dir: Path) -> None:
-    config = DistriConfig(mode="full_sync", dtype="fp32", device="cuda", cuda_graphs=False)
-    device = ExactFp32()("cuda", 0)
-    single = run_denoise(load_unet_pipeline(str(model_dir), config, device), denoise_request())
-    group = UNetGroup(str(model_dir), config, ranks=2, devices=[0, 1], placement=ExactFp32())
-    try:
-        assert group.devices == ["cuda:0", "cuda:1"]
-        result = group.denoise(denoise_request())
-    finally:
-        group.close()
-    error = relative_error(result.latents, single.latents)
+    error = full_sync_error(model_dir, [0, 1])
     assert error <= 1e-5, error
 
 

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import TEXT_TOKENS, denoise_request, relative_error, save_unet_only
+from ranks import TEXT_TOKENS, denoise_request, full_sync_error, relative_error, save_unet_only
 
 from distrifusion.config import DistriConfig
-from distrifusion.launch import ExactFp32
-from distrifusion.serving.denoise import load_unet_pipeline, run_denoise
 from distrifusion.serving.memory import peak_growth
 from distrifusion.serving.unet_group import REBUILDING, SERVING, UNetGroup
 
@@ -28,15 +26,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_full_sync_with_two_ranks_on_one_gpu_equals_one_rank(model_dir: Path) -> None:
-    config = DistriConfig(mode="full_sync", dtype="fp32", device="cuda", cuda_graphs=False)
-    device = ExactFp32()("cuda", 0)
-    single = run_denoise(load_unet_pipeline(str(model_dir), config, device), denoise_request())
-    group = UNetGroup(str(model_dir), config, ranks=2, devices=[0, 0], backend="gloo", placement=ExactFp32())
-    try:
-        assert group.devices == ["cuda:0", "cuda:0"]
-        error = relative_error(group.denoise(denoise_request()).latents, single.latents)
-    finally:
-        group.close()
+    error = full_sync_error(model_dir, [0, 0], backend="gloo")
     assert error <= 1e-5, error
 
 
