@@ -81,7 +81,6 @@ class _Progress:
     """One generation as the watchdog sees it: the steps the host queued, and when rank 0's device
     last finished one."""
 
-    total_steps: int
     at: float
     """When the device last finished a step (at first: when the generation started)."""
     deadline_s: float
@@ -91,12 +90,14 @@ class _Progress:
     first_basis: str
     completed: int = 0
     queued: collections.deque[tuple[int, StepMark]] = dataclasses.field(default_factory=collections.deque)
+    _polling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def poll(self, now: float) -> None:
-        """Counts the queued steps the device has finished (the watchdog's thread only)."""
-        while self.queued and self.queued[0][1].done():
-            step, _ = self.queued.popleft()
-            self.completed, self.at = step + 1, now
+        """Counts the queued steps the device has finished."""
+        with self._polling:
+            while self.queued and self.queued[0][1].done():
+                step, _ = self.queued.popleft()
+                self.completed, self.at = step + 1, now
 
     def overdue(self, now: float) -> tuple[float, str] | None:
         """(deadline, basis) when the next step is past its deadline."""
@@ -346,9 +347,7 @@ class UNetGroup:
         if self.config.compile and request.compile_new_shape:
             first_deadline = policy.deadline(None if expected is None else expected.seconds, compiling=True)
             first_basis = "the compile deadline"
-        return _Progress(
-            request.num_inference_steps, time.monotonic(), deadline, basis, first_deadline, first_basis
-        )
+        return _Progress(time.monotonic(), deadline, basis, first_deadline, first_basis)
 
     def _fault_after(self, error: Exception) -> GroupFault:
         """The fault behind a failed generation: the watchdog's, if it names a lost rank within a
