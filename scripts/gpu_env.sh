@@ -11,8 +11,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl \
     || echo "gpu_env: the carried wheels did not install" >&2
 fi
-if ! "$python" -c "import distrifusion, build_engines, clients" 2>/dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile -e . \
-    || echo "gpu_env: this checkout did not install into $python's environment" >&2
+if ! "$python" -c "import distrifusion, build_engines, clients" 2>/dev/null \
+  && ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile -e .; then
+  # Enough for everything but tritonserver's stub (the served request then fails at its load).
+  echo "gpu_env: this checkout did not install into $python's environment; using PYTHONPATH" >&2
+  export PYTHONPATH="$PWD/backend:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export SERVING_PYTHON=$python PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -42,6 +42,15 @@ class ProcessGroupCollective:
 
     def __init__(self, stage_through_host: bool | None = None) -> None:
         self.stage_through_host = stage_through_host
+        self._staged: dict[tuple[dist.ProcessGroup | None, str], bool] = {}
+
+    def _stages(self, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+        if self.stage_through_host is not None:
+            return self.stage_through_host
+        key = (group, device.type)
+        if key not in self._staged:  # asked once per group: this runs for every all-gather
+            self._staged[key] = device.type != "cpu" and dist.get_backend(group) == "gloo"
+        return self._staged[key]
 
     def all_gather(
         self, output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool
@@ -49,10 +58,7 @@ class ProcessGroupCollective:
         # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; the torch of some GPU
         # images (2.11) has only the old name.
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        staged = self.stage_through_host
-        if staged is None:
-            staged = input.device.type != "cpu" and dist.get_backend(group) == "gloo"
-        if not staged:
+        if not self._stages(group, input.device):
             return gather(output, input, group=group, async_op=async_op)
         host_output = torch.empty(output.shape, dtype=output.dtype)
         work = gather(host_output, input.cpu(), group=group, async_op=async_op)

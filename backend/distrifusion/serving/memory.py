@@ -169,11 +169,8 @@ class UNetMemory:
         free = self.free()
         if needed <= free:
             return
-        step = 64
-        side = 0
-        while (self.estimate(rows, side + step, side + step) or 0) <= free:
-            side += step
-        largest = f"{side}x{side}" if side else "none"
+        fitting = [side for side in range(64, 16385, 64) if (self.estimate(rows, side, side) or 0) <= free]
+        largest = f"{fitting[-1]}x{fitting[-1]}" if fitting else "none"
         raise ConfigError(
             f"width, height: a {width}x{height} generation of {rows} UNet row(s) needs about "
             f"{needed / 2**30:.1f} GiB per rank, {free / 2**30:.1f} GiB is free; the largest square "
