@@ -212,20 +212,32 @@ def check_graph(
 
 
 def _infer(model: Any, max_input_shapes: Mapping[str, Sequence[int]] | None) -> Any:
-    """The graph with every tensor's type and shape, by ONNX Runtime's symbolic shape inference (it
-    knows the ``com.microsoft`` stand-ins too); at ``max_input_shapes`` when given."""
+    """A copy of the graph with every tensor's type and shape, by ONNX Runtime's symbolic shape
+    inference (it knows the ``com.microsoft`` stand-ins too); at ``max_input_shapes`` when given.
+    Weights kept in an external data file are not read (SDXL's text_encoder_2 holds 2.8 GB):
+    inference sees them as inputs of their type and shape, and needs no weight's values."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    inference = onnx.ModelProto()
+    inference.CopyFrom(model)
+    graph = inference.graph
     if max_input_shapes is not None:
-        _fix_input_shapes(model, max_input_shapes)
+        _fix_input_shapes(graph, max_input_shapes)
+    for tensor in [t for t in graph.initializer if uses_external_data(t)]:
+        graph.initializer.remove(tensor)
+        graph.input.append(
+            onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        )
     return SymbolicShapeInference.infer_shapes(
-        model, auto_merge=max_input_shapes is None, guess_output_rank=False
+        inference, auto_merge=max_input_shapes is None, guess_output_rank=False
     )
 
 
-def _fix_input_shapes(model: Any, max_input_shapes: Mapping[str, Sequence[int]]) -> None:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in initializers]
+def _fix_input_shapes(graph: Any, max_input_shapes: Mapping[str, Sequence[int]]) -> None:
+    initializers = {t.name for t in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializers]
     missing = sorted({value.name for value in inputs} - set(max_input_shapes))
     if missing:
         raise ValueError(f"no largest shape for graph input(s) {missing}")
