@@ -78,7 +78,7 @@ def unused_general_pool_bytes(segments: Iterable[Mapping[str, Any]], device_inde
     return sum(
         segment["total_size"] - segment["allocated_size"]
         for segment in segments
-        if segment["device"] == device_index
+        if segment.get("device", device_index) == device_index
         and tuple(segment.get("segment_pool_id", GENERAL_POOL)) == GENERAL_POOL
     )
 
