@@ -149,8 +149,8 @@ def stage_config(
 
     The template must name the same tensors with the same types as the spec (it documents them);
     dims come from the spec (the model's config), ``optional`` flags from the template. ``gpus``:
-    one instance on each of these GPUs (``KIND_GPU``; without a list Triton puts one on every GPU
-    it sees).
+    one instance on each of these GPUs (``KIND_GPU``; without a list Triton puts ``count`` on every
+    GPU it sees: Triton's model configuration docs, "Instance Groups").
     """
     msg = copy.deepcopy(template)
     for kind, specs in (("input", spec.inputs), ("output", spec.outputs)):

@@ -1,7 +1,8 @@
 """When a denoising step has finished on the device, as opposed to when the host launched it.
 
 On CUDA the host only queues a step: kernel launches, stream waits, NCCL collectives and graph
-replays return at once, and the host learns that the step ran from an event recorded after it. A
+replays return at once (torch's CUDA semantics notes, "Asynchronous execution"), and the host
+learns that the step ran from an event recorded after it. A
 :class:`StepClock` marks the end of each step. The pipeline lets the host run at most
 :data:`STEPS_AHEAD` steps ahead of the device, so a stop vote, a cancellation and NCCL's timeout
 (which counts from enqueue) lag the device by at most that; a watchdog heartbeats on the marks that

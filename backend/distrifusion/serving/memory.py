@@ -24,7 +24,9 @@ What "peak growth" and "free" mean per device:
   graphs a step's captured activations live in the graphs' private pool and the eager steps' in the
   general pool; the two never share blocks, so the reserved memory grows by about twice the
   activation peak while the allocated peak shows it once. Free is the driver's free memory plus the
-  general pool's unused cached blocks; the private pool's cached blocks serve only its graphs.
+  general pool's unused cached blocks; the private pool's cached blocks serve only its graphs
+  (torch's CUDA semantics notes, "Graph memory management"; ``memory_snapshot`` names each
+  segment's pool).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ the largest that fits.
 The engines are callables (``run(model, inputs) -> output``): Triton models through BLS in the
 served stage, ONNX Runtime sessions or torch modules in tests and benchmarks. An engine may hand its
 output back on another device than the latents' (a BLS output stays where its TensorRT engine ran
-unless the request asks for CPU memory, and instances of one model may sit on different GPUs): the
+unless the request sets ``preferred_memory``: python_backend README, "Business Logic Scripting";
+and instances of one model may sit on different GPUs): the
 decoder brings every output to the latents' device, and names the engine and the device when it
 cannot.
 """
