@@ -92,123 +92,115 @@ def check_graph(
     import onnx
 
     rules = rules if rules is not None else load_rules()
-    sources = rules["sources"]
     model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    violations: list[Violation] = []
-
-    def violate(rule: str, where: str, message: str, source: str) -> None:
-        violations.append(Violation(rule, where, message, sources.get(source, source)))
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    lowest, highest = rules["opset"]["min"], rules["opset"]["max"]
-    if opset is None or not lowest <= opset <= highest:
-        violate(
-            "opset",
-            "model",
-            f"opset {opset}; TensorRT parses {lowest} to {highest}",
-            rules["opset"]["source"],
-        )
-
     inferred = _infer(model, max_input_shapes)
-    initializers = {t.name for t in graph.initializer}
-    constants = initializers | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    io_names = {v.name for v in graph.input} | {v.name for v in graph.output}
-    types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+    types: dict[str, int] = {t.name: t.data_type for t in model.graph.initializer}
     for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         types[value.name] = value.type.tensor_type.elem_type
+    found = [
+        *_opset(model, rules),
+        *_tensor_types(model.graph, types, rules),
+        *_operators(model.graph, types, stand_ins, rules),
+    ]
+    if max_input_shapes is not None:
+        found += _element_limit(inferred, max_input_shapes, rules)
+    return found
 
-    allowed = rules["tensor_types"]
+
+def _violation(rules: Mapping[str, Any], rule: str, where: str, message: str, source: str) -> Violation:
+    return Violation(rule, where, message, rules["sources"].get(source, source))
+
+
+def _io_names(graph: Any) -> set[str]:
+    return {v.name for v in graph.input} | {v.name for v in graph.output}
+
+
+def _opset(model: Any, rules: Mapping[str, Any]) -> list[Violation]:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    lowest, highest = rules["opset"]["min"], rules["opset"]["max"]
+    if opset is not None and lowest <= opset <= highest:
+        return []
+    message = f"opset {opset}; TensorRT parses {lowest} to {highest}"
+    return [_violation(rules, "opset", "model", message, rules["opset"]["source"])]
+
+
+def _tensor_types(graph: Any, types: Mapping[str, int], rules: Mapping[str, Any]) -> list[Violation]:
+    """Where each tensor's type may appear (UINT8 only at the network's edge)."""
+    found = []
+    io_names = _io_names(graph)
     for name, elem_type in types.items():
         if elem_type == 0:
-            violate(
-                "tensor type",
-                f"tensor {name}",
-                "its type could not be inferred, so it cannot be checked",
-                "operators",
-            )
+            message = "its type could not be inferred, so it cannot be checked"
+            found.append(_violation(rules, "tensor type", f"tensor {name}", message, "operators"))
             continue
         type_name = _type_name(elem_type)
-        where_allowed = allowed.get(type_name, "nowhere")
+        where_allowed = rules["tensor_types"].get(type_name, "nowhere")
         if where_allowed == "anywhere" or (where_allowed == "io_only" and name in io_names):
             continue
         place = "a network input or output" if name in io_names else "an intermediate tensor"
         what = "only as a network input or output" if where_allowed == "io_only" else "nowhere"
-        violate(
-            "tensor type",
-            f"tensor {name}",
-            f"is {type_name} ({place}); TensorRT takes {type_name} {what}",
-            rules["tensor_type_sources"].get(type_name, "operators"),
-        )
+        message = f"is {type_name} ({place}); TensorRT takes {type_name} {what}"
+        source = rules["tensor_type_sources"].get(type_name, "operators")
+        found.append(_violation(rules, "tensor type", f"tensor {name}", message, source))
+    return found
 
-    operators = rules["operators"]
-    consumed = {name for node in graph.node for name in node.input}
+
+def _operators(
+    graph: Any, types: Mapping[str, int], stand_ins: Collection[str], rules: Mapping[str, Any]
+) -> list[Violation]:
+    """Each node: its operator and input type in the support matrix, inputs that must be
+    initializers, attribute values, outputs TensorRT does not produce."""
+    import onnx
+
+    found: list[Violation] = []
+    constants = {t.name for t in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
+    used = {name for node in graph.node for name in node.input} | _io_names(graph)
     for node in graph.node:
         where = _node_name(node)
+
+        def violate(rule: str, message: str, source: str, where: str = where) -> None:
+            found.append(_violation(rules, rule, where, message, source))
+
         if node.domain not in ("", "ai.onnx"):
             qualified = f"{node.domain}.{node.op_type}"
             if qualified not in stand_ins or qualified not in rules["stand_ins"]:
-                violate(
-                    "operator", where, f"{qualified} is not an ONNX operator TensorRT parses", "operators"
-                )
+                violate("operator", f"{qualified} is not an ONNX operator TensorRT parses", "operators")
             continue
-        supported = operators.get(node.op_type)
+        supported = rules["operators"].get(node.op_type)
         if supported is None:
-            violate("operator", where, f"{node.op_type} is not in TensorRT's support matrix", "operators")
+            violate("operator", f"{node.op_type} is not in TensorRT's support matrix", "operators")
             continue
         typed = node.input[0] if node.input and node.input[0] else (node.output[0] if node.output else "")
-        if types.get(typed):
-            type_name = _type_name(types[typed])
-            if type_name not in supported:
-                violate(
-                    "operator type",
-                    where,
-                    f"takes {type_name} ({typed}); TensorRT's {node.op_type} takes {', '.join(supported)}",
-                    "operators",
-                )
+        if types.get(typed) and _type_name(types[typed]) not in supported:
+            taken = ", ".join(supported)
+            message = f"takes {_type_name(types[typed])} ({typed}); TensorRT's {node.op_type} takes {taken}"
+            violate("operator type", message, "operators")
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Cast":
-            target = _type_name(attributes["to"])
-            if target not in supported:
-                violate(
-                    "operator type",
-                    where,
-                    f"casts to {target}; TensorRT casts to {', '.join(supported)}",
-                    "operators",
-                )
+        if node.op_type == "Cast" and _type_name(attributes["to"]) not in supported:
+            message = f"casts to {_type_name(attributes['to'])}; TensorRT casts to {', '.join(supported)}"
+            violate("operator type", message, "operators")
         for index in rules["constant_inputs"].get(node.op_type, ()):
             if index < len(node.input) and node.input[index] and node.input[index] not in constants:
-                violate(
-                    "constant input",
-                    where,
-                    f"input {index} ({node.input[index]}) is computed; TensorRT needs an initializer there",
-                    "constant_inputs",
+                message = (
+                    f"input {index} ({node.input[index]}) is computed; TensorRT needs an initializer there"
                 )
-        for attribute, values in rules["attributes"].get(node.op_type, {}).items():
+                violate("constant input", message, "constant_inputs")
+        allowed = rules["attributes"].get(node.op_type, {})
+        for attribute, values in allowed.items():
             if attribute == "source" or attribute not in attributes:
                 continue
             value = attributes[attribute]
             value = value.decode() if isinstance(value, bytes) else value
             if value not in values:
-                violate(
-                    "attribute",
-                    where,
-                    f"{attribute}={value!r}; TensorRT takes {values}",
-                    rules["attributes"][node.op_type]["source"],
-                )
+                violate("attribute", f"{attribute}={value!r}; TensorRT takes {values}", allowed["source"])
         if node.op_type in rules["first_output_only"]:
-            extra = [o for o in node.output[1:] if o and (o in consumed or o in io_names)]
+            extra = [o for o in node.output[1:] if o and o in used]
             if extra:
-                violate(
-                    "first output only",
-                    where,
-                    f"outputs {extra} are used; TensorRT supports only the first output",
-                    rules["first_output_only"][node.op_type],
-                )
-
-    if max_input_shapes is not None:
-        violations += _element_limit(inferred, max_input_shapes, rules, sources)
-    return violations
+                message = f"outputs {extra} are used; TensorRT supports only the first output"
+                violate("first output only", message, rules["first_output_only"][node.op_type])
+    return found
 
 
 def _infer(model: Any, max_input_shapes: Mapping[str, Sequence[int]] | None) -> Any:
@@ -252,13 +244,10 @@ def _fix_input_shapes(graph: Any, max_input_shapes: Mapping[str, Sequence[int]])
 
 
 def _element_limit(
-    inferred: Any,
-    max_input_shapes: Mapping[str, Sequence[int]],
-    rules: Mapping[str, Any],
-    sources: Mapping[str, str],
+    inferred: Any, max_input_shapes: Mapping[str, Sequence[int]], rules: Mapping[str, Any]
 ) -> list[Violation]:
     limit = rules["element_limit"]["max_elements"]
-    source = sources[rules["element_limit"]["source"]]
+    source = rules["element_limit"]["source"]
     found = []
     values = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
     for name, value in values.items():
@@ -269,21 +258,13 @@ def _element_limit(
             else None
         )
         if size is None:
-            found.append(
-                Violation(
-                    "element limit",
-                    f"tensor {name}",
-                    "its shape is unknown at the profile's largest input, so its size cannot be checked",
-                    source,
-                )
-            )
+            message = "its shape is unknown at the profile's largest input, so its size cannot be checked"
         elif size > limit:
-            found.append(
-                Violation(
-                    "element limit",
-                    f"tensor {name}",
-                    f"has {size:,} elements at the profile's largest input {dict(max_input_shapes)}; TensorRT takes at most {limit:,}",
-                    source,
-                )
+            message = (
+                f"has {size:,} elements at the profile's largest input {dict(max_input_shapes)}; "
+                f"TensorRT takes at most {limit:,}"
             )
+        else:
+            continue
+        found.append(_violation(rules, "element limit", f"tensor {name}", message, source))
     return found
