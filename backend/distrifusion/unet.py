@@ -188,8 +188,7 @@ class DistriUNet(nn.Module):
     def holds(self, rows: int, height: int, width: int, guided: bool) -> bool:
         """Whether a step of ``rows`` UNet rows at a ``height`` x ``width`` latent would find its
         buffers (exchange, step graphs) made by an earlier one, or make them anew."""
-        split = self.topology.can_split and guided
-        return (rows, height, width, split, self.dtype) in self._shapes
+        return _shape_key(rows, height, width, self.topology.can_split and guided, self.dtype) in self._shapes
 
     def layout(self, height: int, width: int, split: bool) -> BandLayout:
         """The bands of a latent of this size; raises ConfigError when it cannot be split."""
@@ -214,7 +213,7 @@ class DistriUNet(nn.Module):
         group = self.topology.patch_group(split)
         height, width = sample.shape[-2:]
         layout = self.layout(height, width, split)
-        shape_key = (sample.shape[0], height, width, split, sample.dtype)
+        shape_key = _shape_key(sample.shape[0], height, width, split, sample.dtype)
         ctx = self.context
         ctx.layout, ctx.band = layout, group.band
         ctx.exchange = self._exchange(group, shape_key)
@@ -342,6 +341,11 @@ class DistriUNet(nn.Module):
     def _gather_output(self, gathered: torch.Tensor, padded: torch.Tensor) -> None:
         seconds = gather_now(self.collective, self.stats, None, self.topology.world, gathered, padded)
         self.stats.output_gather_seconds += seconds
+
+
+def _shape_key(rows: int, height: int, width: int, split: bool, dtype: torch.dtype) -> tuple:
+    """What a step's buffers and graphs are kept by: its UNet rows, latent size, CFG split, dtype."""
+    return (rows, height, width, split, dtype)
 
 
 def _make_patch_parallel(unet: UNet2DConditionModel, context: PatchContext) -> dict[str, ExchangingLayer]:
