@@ -22,30 +22,36 @@ ESSENTIAL = "every stage"
 BUILD = "the repository builds (served request, TensorRT build)"
 
 
-def _version(module: str) -> str | None:
+class Missing(Exception):
+    """A prerequisite is not there; the message says what of it."""
+
+
+def _version(module: str) -> str:
     try:
         loaded = importlib.import_module(module)
     except Exception as error:  # ImportError, or OSError for a missing shared library
-        print(f"  missing   {module}: {type(error).__name__}: {error}".rstrip())
-        return None
+        raise Missing(f"{type(error).__name__}: {error}") from None
     return str(getattr(loaded, "__version__", "installed"))
 
 
-def _cuda() -> str | None:
+def _cuda() -> str:
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return None
+        raise Missing(f"torch {torch.__version__} sees no CUDA GPU")
     names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-    return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {len(names)} GPU(s): {', '.join(names)}"
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "none"
+    return (
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"NCCL {nccl}, {len(names)} GPU(s): {', '.join(names)}"
+    )
 
 
-def _tritonserver() -> str | None:
+def _tritonserver() -> str:
     """The wheel's tritonserver, a backend stub for this Python, and the shared libpython it loads."""
     spec = importlib.util.find_spec("pytriton")  # the package's own imports need its dependencies
     if spec is None or spec.origin is None:
-        print("  missing   pytriton: the nvidia-pytriton wheel is not installed")
-        return None
+        raise Missing("the nvidia-pytriton wheel is not installed")
     root = Path(spec.origin).parent / "tritonserver"
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -61,8 +67,7 @@ def _tritonserver() -> str | None:
     if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not library.is_file():
         problems.append(f"no shared libpython for the stub to load (looked for {library})")
     if problems:
-        print(f"  missing   tritonserver: {'; '.join(problems)}")
-        return None
+        raise Missing("; ".join(problems))
     return (
         f"nvidia-pytriton {importlib.metadata.version('nvidia-pytriton')} ({root / 'bin' / 'tritonserver'})"
     )
@@ -84,11 +89,12 @@ def main() -> int:
         "tritonserver": ("the served request", _tritonserver),
     }
     for name, (needed_by, check) in checks.items():
-        found[name] = check()
-        state = (
-            f"found     {name}: {found[name]}" if found[name] else f"MISSING   {name}: needed by {needed_by}"
-        )
-        print(f"  {state}")
+        try:
+            found[name] = check()
+            print(f"  found     {name}: {found[name]}")
+        except Missing as missing:
+            found[name] = None
+            print(f"  MISSING   {name}: needed by {needed_by} ({missing})")
     missing_essential = [
         name for name, (needed_by, _) in checks.items() if needed_by == ESSENTIAL and not found[name]
     ]
