@@ -23,6 +23,14 @@ from tritonclient.utils import InferenceServerException
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 OUTPUTS = ("image", "used_seed", "truncated")
+QUEUE_FULL = "Exceeds maximum queue size"
+"""Triton's message when the UNet stage's queue is at its bound (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+def queue_full(error: InferenceServerException) -> bool:
+    """The server refused the request at once because its queue is full: retrying later (with
+    backoff), or on another replica, is the remedy; the request itself was fine."""
+    return QUEUE_FULL in (error.message() or "")
 
 
 def build_inputs(
@@ -142,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except InferenceServerException as error:
         print(f"error: {error.status()}: {error.message()}", file=sys.stderr)
+        if queue_full(error):
+            print(
+                "the server is at its queue bound: retry later with backoff, or on another replica",
+                file=sys.stderr,
+            )
         return 1
     args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -437,6 +437,8 @@ def test_unet_stage_gets_its_settings_file_and_a_diffusers_directory(cpu_repo: P
     assert stage.warmup == ((512, 512),)
     (group,) = config.instance_group
     assert group.kind == ModelInstanceGroup.KIND_MODEL and group.count == 1
+    # The queue bound: 2 full batches (of 3, the largest --batch-sizes) for the one instance.
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 2 * 3 * 1
 
     model = cpu_repo / "unet" / "1" / "model"
     assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "unet"]
@@ -567,7 +569,8 @@ def test_gpu_configs_use_tensorrt_plans_with_the_same_tensors() -> None:
     configs["tokenizer"] = stage_config(
         load_template(TEMPLATES_DIR, "tokenizer"), tokenizer_spec(77), 4, None, "KIND_CPU"
     )
-    configs["unet"] = unet_config(load_template(TEMPLATES_DIR, "unet"), 4, 2)
+    configs["unet"] = unet_config(load_template(TEMPLATES_DIR, "unet"), 4, 2, 16)
+    assert configs["unet"].dynamic_batching.default_queue_policy.max_queue_size == 16
     configs["sdxl"] = load_template(TEMPLATES_DIR, "sdxl")
     assert check_ensemble(configs["sdxl"], configs) == []
     for name in specs:
@@ -797,6 +800,7 @@ def test_check_ensemble_finds_inconsistencies() -> None:
         (["--target", "cpu", "--mode", "warp"], "mode"),
         (["--target", "cpu", "--batch-sizes", "0"], "--batch-sizes"),
         (["--target", "cpu", "--max-resolution", "512x512", "--resolutions", "1024x1024"], "exceed"),
+        (["--target", "cpu", "--max-queue-size", "0"], "--max-queue-size must be at least 1"),
     ],
 )
 def test_bad_arguments_exit_2(tiny_sdxl_dir: Path, tmp_path: Path, capsys, extra, message) -> None:
