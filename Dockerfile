@@ -55,7 +55,8 @@ ENV HOME=/tmp \
     TRANSFORMERS_OFFLINE=1 \
     TRITON_CACHE_DIR=/tmp/.triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
-    CUDA_MEMORY_POOL_BYTE_SIZE=1073741824
+    CUDA_MEMORY_POOL_BYTE_SIZE=1073741824 \
+    DISTRIFUSION_OPERATOR_KEY_FILE=/run/secrets/distrifusion/operator-key
 
 # --- engine-builder: + the TensorRT Python API of the same TensorRT version as the server ------
 # Runs `python3 -m build_engines --target gpu` in the engine-build Job (deploy/components/
@@ -108,9 +109,10 @@ ENV PATH=/opt/tritonserver/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     HF_HOME=/tmp/huggingface \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    DISTRIFUSION_OPERATOR_KEY_FILE=/run/secrets/distrifusion/operator-key
 VOLUME ["/models"]
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 8003
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
@@ -140,16 +142,18 @@ CMD ["tritonserver", \
 # built once per GPU model and TensorRT version by the engine-build Job, never at start-up.
 # Flags: the ensemble and the VAE engines its vae_decoder stage calls (BLS: explicit model control
 # loads an ensemble's own steps only); ports 8000 (HTTP) 8001 (gRPC) 8002 (metrics), metrics on
-# (GPU + CPU); exit timeout 930 s, longer than the longest request (900 s at the largest build,
-# 4096 x 4096: README "Values"); pinned host memory 1 GiB for the CPU<->GPU copies around the
-# Python stages; Python-backend shared memory in /dev/shm starting at 16 MiB per stub and growing
-# by 64 MiB (a 4 x 4096 x 4096 uint8 image batch is 192 MiB). The entrypoint adds
-# --cuda-memory-pool-byte-size=<gpu>:$CUDA_MEMORY_POOL_BYTE_SIZE for each visible GPU: 1 GiB holds
-# the GPU tensors between stages (text embeddings, latents, images: about 210 MiB per batch of four
-# 4096 x 4096 requests) of 4 batches in flight, where Triton's default is 64 MiB.
+# (GPU + CPU), 8003 the supervisor's metrics; the operator's key read from
+# $DISTRIFUSION_OPERATOR_KEY_FILE (a mounted Secret: docs/security.md); exit timeout 930 s, longer
+# than the longest request (900 s at the largest build, 4096 x 4096: README "Values"); pinned host
+# memory 1 GiB for the CPU<->GPU copies around the Python stages; Python-backend shared memory in
+# /dev/shm starting at 16 MiB per stub and growing by 64 MiB (a 4 x 4096 x 4096 uint8 image batch
+# is 192 MiB). The entrypoint adds --cuda-memory-pool-byte-size=<gpu>:$CUDA_MEMORY_POOL_BYTE_SIZE
+# for each visible GPU: 1 GiB holds the GPU tensors between stages (text embeddings, latents,
+# images: about 210 MiB per batch of four 4096 x 4096 requests) of 4 batches in flight, where
+# Triton's default is 64 MiB.
 FROM base AS server
 VOLUME ["/models/repository"]
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 8003
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]

@@ -13,6 +13,7 @@ stamp_file=.venv/.setup-stamp
 scripts/setup_perf_analyzer.sh
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_value" ]; then
+  .venv/bin/python -m distrifusion.serving.operator_key create
   exit 0
 fi
 
@@ -23,5 +24,7 @@ echo "[setup] installing pinned requirements (torch CPU build, diffusers, transf
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-data.txt
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+# The operator's key (owner-only, outside the checkout): what the servers' model-control APIs need.
+.venv/bin/python -m distrifusion.serving.operator_key create
 echo "$stamp_value" > "$stamp_file"
 echo "[setup] done"

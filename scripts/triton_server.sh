@@ -2,7 +2,10 @@
 # Starts the real tritonserver bundled in the nvidia-pytriton wheel (CPU machines; the production
 # image has its own) on a model repository, in the foreground, under the supervisor:
 #   scripts/triton_server.sh [MODEL_REPOSITORY] [extra tritonserver flags...]
-# Ports: HTTP 8000, gRPC 8001, metrics 8002 (override with HTTP_PORT, GRPC_PORT, METRICS_PORT).
+# Ports: HTTP 8000, gRPC 8001, metrics 8002, the supervisor's metrics 8003 (override with HTTP_PORT,
+# GRPC_PORT, METRICS_PORT, SUPERVISOR_METRICS_PORT).
+# The model-repository, shared-memory, trace and logging APIs need the operator's key
+# (distrifusion.serving.operator_key): created here, owner-only, if there is none yet.
 # SERVING_PYTHON: an interpreter whose environment already holds this project, its requirements and the
 # nvidia-pytriton wheel (a lent GPU machine, scripts/gpu_env.sh); otherwise .venv, set up first.
 set -euo pipefail
@@ -35,11 +38,13 @@ fi
 export PATH="$(dirname "$python"):$PATH"
 export LD_LIBRARY_PATH="$python_libdir:$site/nvidia_pytriton.libs:${LD_LIBRARY_PATH:-}"
 export HF_HUB_OFFLINE=1
-# Under the supervisor (distrifusion.serving.supervisor), as in the production image: it reloads
-# dead Python-backend stubs and holds readiness false while any part is broken, which needs the
-# model-control API (explicit mode; the ensemble loads its composing models, and the VAE engines
+# Under the supervisor (distrifusion.serving.supervisor), as in the production image: it restricts
+# the model-control APIs to the operator's key, reloads dead Python-backend stubs and holds
+# readiness false while any served model is not ready, which needs the model-control API (explicit mode; the ensemble loads its composing models, and the VAE engines
 # that its vae_decoder stage calls through BLS are named here).
-exec "$python" -m distrifusion.serving.supervisor -- "$server/bin/tritonserver" \
+"$python" -m distrifusion.serving.operator_key create
+exec "$python" -m distrifusion.serving.supervisor --metrics-port="${SUPERVISOR_METRICS_PORT:-8003}" \
+  -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
   --model-control-mode=explicit --load-model=sdxl \
   --load-model=vae_decoder_whole --load-model=vae_decoder_tile_statistics --load-model=vae_decoder_tiles \

@@ -31,6 +31,8 @@ import yaml
 
 from build_engines.build import build_parser, parse_resolutions, unet_stage_config
 from build_engines.repository import parse_config
+from distrifusion.serving.operator_key import KEY_FILE_VARIABLE, create_key, read_key
+from distrifusion.serving.supervisor import parse_args
 
 pytestmark = pytest.mark.deploy
 
@@ -46,7 +48,9 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 # of BENCHMARKS.md, not measured at these sizes. Shutdown must outlast it; a build for a size not
 # listed here needs its values derived first.
 LONGEST_REQUEST_SECONDS = {(2048, 2048): 300, (4096, 4096): 900}
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORTS = {**TRITON_PORTS, "supervisor": 8003}
+"""Triton's ports and the supervisor's metrics port."""
 # The entrypoint of NGC images (nvcr.io/nvidia/tritonserver): it sets up CUDA forward compatibility
 # (the compat libraries on drivers older than the image's CUDA), then runs its arguments.
 NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
@@ -394,11 +398,13 @@ def test_server_flags(stage: str) -> None:
     assert flags["--http-port"] == [str(PORTS["http"])]
     assert flags["--grpc-port"] == [str(PORTS["grpc"])]
     assert flags["--metrics-port"] == [str(PORTS["metrics"])]
+    # The supervisor adds the operator-key restrictions itself (and refuses a command that has any).
+    assert not {"--http-restricted-api", "--grpc-restricted-protocol"} & flags.keys()
     assert flags["--allow-metrics"] == ["true"]
     assert flags["--model-repository"] == ["/models/repository"]
     assert int(flags["--exit-timeout-secs"][0]) > max(LONGEST_REQUEST_SECONDS.values())
     exposed = [i for i in stages[stage] if i.startswith("EXPOSE ")]
-    assert exposed == ["EXPOSE 8000 8001 8002"]
+    assert exposed == ["EXPOSE 8000 8001 8002 8003"]
     ours = "/opt/distrifusion/deploy/docker/entrypoint.sh"
     # On the NGC base, its own entrypoint (CUDA forward compatibility) runs first and then ours.
     expected = [NGC_ENTRYPOINT, ours] if stage == "server" else [ours]
@@ -413,8 +419,13 @@ def test_server_flags(stage: str) -> None:
         assert flags["--allow-gpu-metrics"] == ["true"]
     # The CPU set-up's own server script uses the same ports.
     script = (ROOT / "scripts" / "triton_server.sh").read_text()
-    for name, port in PORTS.items():
+    for name, port in TRITON_PORTS.items():
         assert f"${{{name.upper()}_PORT:-{port}}}" in script
+    assert f'--metrics-port="${{SUPERVISOR_METRICS_PORT:-{PORTS["supervisor"]}}}"' in script
+    assert (
+        parse_args(["--", "tritonserver", "--model-control-mode=explicit"]).metrics_port
+        == PORTS["supervisor"]
+    )
 
 
 def test_cuda_memory_pool_is_sized_for_every_gpu(rendered: dict) -> None:
@@ -486,10 +497,38 @@ def test_ports_and_probes_agree_with_the_server_flags(rendered: dict, overlay: s
     policy = _one(objects, "NetworkPolicy", "sdxl-triton")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == set(PORTS.values())
+    # Clients anywhere in the cluster reach inference; only Prometheus reaches the metrics.
+    for rule in policy["spec"]["ingress"]:
+        everyone = {"namespaceSelector": {}} in rule["from"]
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= (
+            {PORTS["http"], PORTS["grpc"]} if everyone else {PORTS["metrics"], PORTS["supervisor"]}
+        )
     if overlay == "gpu-h100-4x":
         monitor = _one(objects, "ServiceMonitor")
-        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics", "supervisor"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_operator_key_is_a_mounted_secret(rendered: dict, overlay: str) -> None:
+    pod, container = _server(rendered[overlay])
+    env = {e["name"]: e for e in container["env"]}
+    key_file = Path(env[KEY_FILE_VARIABLE]["value"])
+    # The image reads the same path when the Deployment says nothing.
+    for stage in ("server", "cpu-smoke"):
+        assert f"{KEY_FILE_VARIABLE}={key_file}" in " ".join(_stages()[stage] + _stages()["base"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(key_file.parent)]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert secret["secretName"] == "sdxl-triton-operator-key" and secret.get("optional") is not True
+    assert secret["defaultMode"] == 0o400
+    assert secret["items"] == [{"key": "operator-key", "path": key_file.name}]
+    # Not in the pod spec's environment, and no Secret (with a key in it) is part of the manifests.
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
+    assert not any("secretRef" in source for source in container.get("envFrom", []))
+    assert not any(o["kind"] == "Secret" for o in rendered[overlay])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -796,7 +835,13 @@ def test_entrypoint_checks_the_repository_and_sizes_the_cuda_pool(tmp_path: Path
     ]
     # python3 as in the image: one that has this project (the entrypoint runs the supervisor).
     path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "CUDA_MEMORY_POOL_BYTE_SIZE": "12345"}
+    key_file, _ = create_key(tmp_path / "secret" / "operator-key")
+    env = {
+        **os.environ,
+        "PATH": path,
+        "CUDA_MEMORY_POOL_BYTE_SIZE": "12345",
+        KEY_FILE_VARIABLE: str(key_file),
+    }
     entrypoint = str(DEPLOY / "docker" / "entrypoint.sh")
     result = subprocess.run([entrypoint, *command], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -804,6 +849,10 @@ def test_entrypoint_checks_the_repository_and_sizes_the_cuda_pool(tmp_path: Path
     assert args[: len(command) - 1] == command[1:]
     pools = [a for a in args if a.startswith("--cuda-memory-pool-byte-size=")]
     assert pools == [f"--cuda-memory-pool-byte-size={i}:12345" for i in range(gpus)]
+    key = read_key(key_file)
+    restricted = "model-repository,shared-memory,trace,logging"
+    assert f"--http-restricted-api={restricted}:operator-key={key}" in args
+    assert f"--grpc-restricted-protocol={restricted}:operator-key={key}" in args
 
     empty = tmp_path / "empty"
     empty.mkdir()

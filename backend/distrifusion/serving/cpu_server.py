@@ -52,10 +52,14 @@ class CpuServer:
     """scripts/triton_server.sh on a repository, on free loopback ports; a context manager."""
 
     def __init__(self, repository: Path, log_path: Path, extra_args: Iterable[str] = ()) -> None:
-        self.ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+        self.ports = {
+            name: free_port()
+            for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "SUPERVISOR_METRICS_PORT")
+        }
         self.http = f"127.0.0.1:{self.ports['HTTP_PORT']}"
         self.grpc = f"127.0.0.1:{self.ports['GRPC_PORT']}"
         self.metrics = f"127.0.0.1:{self.ports['METRICS_PORT']}/metrics"
+        self.supervisor_metrics = f"127.0.0.1:{self.ports['SUPERVISOR_METRICS_PORT']}/metrics"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **{name: str(port) for name, port in self.ports.items()}}

@@ -1,25 +1,40 @@
-"""Runs tritonserver and keeps it honest: replaces dead Python-backend stubs and holds readiness
-false while any part is broken.
+"""Runs tritonserver and keeps it honest: locks down the APIs that change what it runs, replaces
+dead Python-backend stubs, and holds readiness false while any model it serves is not ready.
 
-    python -m distrifusion.serving.supervisor [--http 127.0.0.1:8000] -- tritonserver ARGS...
+    python -m distrifusion.serving.supervisor [--http 127.0.0.1:8000] [--metrics-port 8003] \
+        -- tritonserver ARGS...
 
-Why it exists (tritonserver 2.51, the CPU server, and 25.10, the production image, alike; read in
-their python_backend and core sources): a stub that dies (OOM-killed, crashed) is never restarted,
-and every later request to its model fails with "Stub process is not healthy"; a model's
-``is_ready()`` is not called; and ``/v2/health/ready`` stays 200 throughout, because strict
+Lock-down (:mod:`.operator_key`): the supervisor reads the operator's key and adds tritonserver's
+``--http-restricted-api`` and ``--grpc-restricted-protocol`` for the model-repository,
+shared-memory, trace and logging APIs; it refuses to start without a usable key, and refuses a
+command that sets its own restrictions or opens the SageMaker or Vertex AI endpoints (their model
+loading is not covered). Its own model-control calls carry the key.
+
+Why the rest exists (tritonserver 2.51, the CPU server, and 25.10, the production image, alike;
+read in their python_backend and core sources): a stub that dies (OOM-killed, crashed) is never
+restarted, and every later request to its model fails with "Stub process is not healthy"; a
+model's ``is_ready()`` is not called; and ``/v2/health/ready`` stays 200 throughout, because strict
 readiness only looks at each model's lifecycle state (READY, LOADING, UNAVAILABLE). A model that is
-LOADING, or whose last load failed, makes the server not ready; one unloaded on purpose does not.
+LOADING, or whose last load failed, makes the server not ready; one that is unloaded does not, so an
+unloaded ``sdxl`` would leave the server ready with nothing to serve.
 
 So, with the server in ``--model-control-mode=explicit``:
 
+- The *served* models are those READY when the server first becomes ready (the ``--load-model``
+  entry points and every model they need, BLS-called engines included). Whenever one is not
+  READY, for whatever reason, readiness is false until it is back; ``distrifusion_model_ready``
+  (port ``--metrics-port``) and a log line name it.
 - A stub gone -> that model is unloaded and loaded again through the model-control API (new
   stubs); the ensembles that use it go and come back with it, so requests fail clearly meanwhile.
+  During such a recovery, any served model that Triton dropped with it is loaded again too.
+- A served model unloaded while nothing was recovering is the operator's doing (only the key
+  allows it): it is not loaded back; readiness stays false until the operator loads it.
 - A UNet group rebuilding (its stage says so on the health board, :mod:`.health`) -> nothing to
   do here: the stage rebuilds in its own process, so requests queued behind the fault are served.
-- While anything is broken, the *gate* model (``readiness_gate``) is being loaded: its
+- While anything is wrong, the *gate* model (``readiness_gate``) is being loaded: its
   ``initialize()`` waits until the supervisor opens the gate, so the server reports not ready
   until then; the gate is unloaded again afterwards (an unloaded model does not count).
-- After ``--max-reloads`` failed reloads of one model within ``--window-s``, or a UNet group that
+- After ``--max-reloads`` failed loads of one model within ``--window-s``, or a UNet group that
   gave up, the gate is told to fail its load: the server stays not ready, and the supervisor's
   own entry on the board says ``gave_up``, which the liveness probe (:mod:`.probe`) turns into a
   container restart.
@@ -44,22 +59,26 @@ from pathlib import Path
 from typing import Any
 
 from .health import GATE, HEALTH_DIR_VARIABLE, SUPERVISOR, HealthBoard, health_directory
+from .operator_key import HEADER, KEY_FILE_VARIABLE, OperatorKeyError, read_key, restricted_server_flags
 from .processes import stub_models
+from .supervisor_metrics import SupervisorMetrics
 
 _POLL_SECONDS = 0.5
 _UNLOAD_WAIT_S = 10.0
 
 
 class TritonControl:
-    """The few HTTP calls of Triton's health and model-control APIs that the supervisor needs."""
+    """The few HTTP calls of Triton's health and model-control APIs that the supervisor and the
+    operator's tools need; ``key``: the operator's key, which the model-control calls carry."""
 
-    def __init__(self, http: str) -> None:
+    def __init__(self, http: str, key: str | None = None) -> None:
         self.base = f"http://{http}"
+        self.headers = {} if key is None else {HEADER: key}
 
     def _call(self, path: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            self.base + path, data=data, method="GET" if body is None else "POST"
+            self.base + path, data=data, method="GET" if body is None else "POST", headers=self.headers
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -77,12 +96,17 @@ class TritonControl:
     def ready(self) -> bool:
         return self._call("/v2/health/ready")[0] == 200
 
-    def loaded(self) -> dict[str, str]:
-        """Model name -> lifecycle state (READY, LOADING, UNAVAILABLE, ...)."""
+    def models(self) -> dict[str, tuple[str, str]] | None:
+        """Model name -> (lifecycle state, Triton's reason) for every model of the repository;
+        None when the index cannot be read."""
         status, index = self._call("/v2/repository/index", {})
         if status != 200 or not isinstance(index, list):
-            return {}
-        return {entry["name"]: entry.get("state", "") for entry in index}
+            return None
+        return {entry["name"]: (entry.get("state", ""), entry.get("reason", "")) for entry in index}
+
+    def state(self, model: str) -> str | None:
+        models = self.models() or {}
+        return models[model][0] if model in models else None
 
     def reload(self, model: str, timeout: float) -> str | None:
         """Unloads ``model`` and loads it again (new stubs); None, or the error. A load of a loaded
@@ -92,19 +116,18 @@ class TritonControl:
         # Bounded: when a stub dies inside execute(), tritonserver 2.51 never finishes unloading
         # that version (the request in flight keeps it referenced); loading anew works all the same.
         self.unload(model, _UNLOAD_WAIT_S)
-        error = self.load(model, max(1.0, deadline - time.monotonic()))
-        return None if error is None else f"load of {model}: {error}"
+        return self.load(model, max(1.0, deadline - time.monotonic()))
 
     def load(self, model: str, timeout: float) -> str | None:
         status, detail = self._call(f"/v2/repository/models/{model}/load", {}, timeout=timeout)
-        return None if status == 200 else f"[{status}] {detail}"
+        return None if status == 200 else f"load of {model}: [{status}] {detail}"
 
     def unload(self, model: str, timeout: float) -> None:
         """Unloads ``model`` and waits until it is gone: Triton answers the call at once, and a load
         of the same model while it still unloads can hang."""
         self._call(f"/v2/repository/models/{model}/unload", {})
         deadline = time.monotonic() + timeout
-        while self.loaded().get(model) == "UNLOADING" and time.monotonic() < deadline:
+        while self.state(model) == "UNLOADING" and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
@@ -114,17 +137,25 @@ class Supervisor:
         server: subprocess.Popen,
         control: TritonControl,
         board: HealthBoard,
+        metrics: SupervisorMetrics,
         max_reloads: int,
         window_s: float,
     ) -> None:
         self.server = server
         self.control = control
         self.board = board
+        self.metrics = metrics
         self.max_reloads = max_reloads
         self.window_s = window_s
-        self._failed_reloads: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._failed_loads: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._expected: dict[str, int] = {}
         """Model -> how many stubs it has when healthy."""
+        self.served: list[str] = []
+        """The models READY when the server first became ready: what readiness stands for."""
+        self._recovering = False
+        """A dead stub was seen and not every served model is back yet: models Triton drops
+        meanwhile are the recovery's to load again, not the operator's choice."""
+        self._problems: list[str] = []
         self._gate_thread: threading.Thread | None = None
         self.state = "starting"
         self.stopping = False
@@ -151,7 +182,10 @@ class Supervisor:
             time.sleep(_POLL_SECONDS)
         if self.server.poll() is None:
             self._expected = collections.Counter(stub_models(self.server.pid).values())
-            self.log(f"watching stubs {dict(self._expected)}")
+            models = self.control.models() or {}
+            self.served = sorted(m for m, (state, _) in models.items() if state == "READY" and m != GATE)
+            self.metrics.observe(self.served, {m: "READY" for m in self.served}, ready=True)
+            self.log(f"serving {self.served}; watching stubs {dict(self._expected)}")
         while self.server.poll() is None:
             if not self.stopping:
                 self.watch_once()
@@ -162,38 +196,93 @@ class Supervisor:
         if self.state == "gave_up":
             self.publish("gave_up")
             return
+        models = self.control.models()
+        if models is None:  # the server is busy or shutting down: judge on the next poll
+            self.publish(self.state)
+            return
+        states = {model: state for model, (state, _) in models.items()}
         stubs = collections.Counter(stub_models(self.server.pid).values())
         missing = [model for model, count in self._expected.items() if stubs.get(model, 0) < count]
+        not_ready = [model for model in self.served if states.get(model) != "READY"]
         groups = self.board.entries("unet_")
         rebuilding = sorted(name for name, entry in groups.items() if entry["state"] == "rebuilding")
         gave_up = sorted(name for name, entry in groups.items() if entry["state"] == "gave_up")
+        healthy = not (missing or not_ready or rebuilding or gave_up or self._gate_thread is not None)
+        self.metrics.observe(self.served, states, ready=healthy)
         if gave_up:
             self.give_up(f"UNet group(s) {gave_up} gave up rebuilding")
             return
-        if not missing and not rebuilding:
+        if not missing and not not_ready and not rebuilding:
             if self._gate_thread is not None:
-                self.open_gate()
+                self.open_gate()  # readiness returns; the next poll confirms nothing fell away
+                return
+            if self._problems:
+                self.log(f"readiness restored: all {len(self.served)} served models READY")
+                self._problems = []
+            self._recovering = False
             self.publish("watching")
             return
+        if missing:
+            self._recovering = True
+        self.report(missing, not_ready, rebuilding, models)
         self.close_gate()
-        self.publish("recovering", missing=missing, rebuilding=rebuilding)
+        self.publish("recovering" if self._recovering else "held", missing=missing,
+                     not_ready=not_ready, rebuilding=rebuilding)  # fmt: skip
         for model in missing:
             self.log(f"a stub of {model} is gone: reloading it")
-            error = self.control.reload(model, timeout=1800)
-            if error is None:
-                self.log(f"{model} reloaded")
-                continue
-            failures = self._failed_reloads[model]
-            now = time.monotonic()
-            failures.append(now)
-            while failures and now - failures[0] > self.window_s:
-                failures.popleft()
-            self.log(f"reload of {model} failed ({len(failures)} of {self.max_reloads}): {error}")
-            if len(failures) >= self.max_reloads:
-                self.give_up(
-                    f"{model} failed to reload {len(failures)} times within {self.window_s:.0f} s: {error}"
-                )
+            if not self.attempt(model, self.control.reload(model, timeout=1800)):
                 return
+        if self._recovering:
+            for model in not_ready:
+                if model in missing or self.control.state(model) == "READY":
+                    continue  # reloaded above, or brought back with an ensemble that was
+                self.log(f"{model} was dropped during the recovery: loading it again")
+                if not self.attempt(model, self.control.load(model, timeout=1800)):
+                    return
+
+    def report(
+        self,
+        missing: list[str],
+        not_ready: list[str],
+        rebuilding: list[str],
+        models: dict[str, tuple[str, str]],
+    ) -> None:
+        """One log line whenever what keeps the server not ready changes."""
+        problems = [f"a stub of {model} is gone" for model in missing]
+        problems += [f"UNet group {name} is rebuilding" for name in rebuilding]
+        for model in not_ready:
+            state, reason = models.get(model, ("absent", "not in the repository"))
+            problems.append(f"{model} is {state or 'unknown'}" + (f" ({reason})" if reason else ""))
+        if problems == self._problems:
+            return
+        self._problems = problems
+        hint = (
+            ""
+            if self._recovering or not not_ready
+            else "; not unloaded by the supervisor, so it stays so until the operator loads it "
+            "(python -m clients.operator load MODEL)"
+        )
+        self.log(f"not ready: {'; '.join(problems)}{hint}")
+
+    def attempt(self, model: str, error: str | None) -> bool:
+        """Counts a load of ``model`` that ended with ``error`` (None: it worked); False once the
+        failures within the window reach --max-reloads, and the supervisor gives up."""
+        self.metrics.reloaded(model, ok=error is None)
+        if error is None:
+            self.log(f"{model} loaded")
+            return True
+        failures = self._failed_loads[model]
+        now = time.monotonic()
+        failures.append(now)
+        while failures and now - failures[0] > self.window_s:
+            failures.popleft()
+        self.log(f"load of {model} failed ({len(failures)} of {self.max_reloads}): {error}")
+        if len(failures) >= self.max_reloads:
+            self.give_up(
+                f"{model} failed to load {len(failures)} times within {self.window_s:.0f} s: {error}"
+            )
+            return False
+        return True
 
     def close_gate(self) -> None:
         """Keeps the server not ready: the gate model loads until the gate is opened."""
@@ -209,7 +298,6 @@ class Supervisor:
             self._gate_thread.join(timeout=60)
         self._gate_thread = None
         self.control.unload(GATE, timeout=60)
-        self.log("all parts serving: readiness restored")
 
     def give_up(self, reason: str) -> None:
         self.log(f"giving up: {reason}")
@@ -230,6 +318,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-reloads", type=int, default=3, help="failed reloads of one model that give up")
     parser.add_argument("--window-s", type=float, default=600.0, help="the window of --max-reloads")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8003,
+        help="port of the supervisor's Prometheus metrics (default %(default)s)",
+    )
+    parser.add_argument(
+        "--operator-key-file",
+        type=Path,
+        help=f"the operator's key (default ${KEY_FILE_VARIABLE}, else ~/.config/distrifusion/operator-key)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver ARGS...")
     args = parser.parse_args(argv)
     if args.command and args.command[0] == "--":
@@ -248,12 +347,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        key = read_key(args.operator_key_file)
+        command = restricted_server_flags(args.command, key)
+    except OperatorKeyError as error:
+        print(f"supervisor: {error}", file=sys.stderr)
+        return 2
+    metrics = SupervisorMetrics()
+    try:
+        metrics.serve(args.metrics_port)
+    except OSError as error:
+        print(f"supervisor: cannot serve metrics on port {args.metrics_port} ({error}): set --metrics-port "
+              "(scripts/triton_server.sh: SUPERVISOR_METRICS_PORT)", file=sys.stderr)  # fmt: skip
+        return 2
     directory = Path(os.environ.get(HEALTH_DIR_VARIABLE) or health_directory(os.getpid()))
     directory.mkdir(parents=True, exist_ok=True)
     board = HealthBoard(directory)
-    server = subprocess.Popen(args.command, env={**os.environ, HEALTH_DIR_VARIABLE: str(directory)})
+    server = subprocess.Popen(command, env={**os.environ, HEALTH_DIR_VARIABLE: str(directory)})
 
-    supervisor = Supervisor(server, TritonControl(args.http), board, args.max_reloads, args.window_s)
+    control = TritonControl(args.http, key)
+    supervisor = Supervisor(server, control, board, metrics, args.max_reloads, args.window_s)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: supervisor.stop(signum))
     return supervisor.run()
