@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from benchmarks.harness import log
+from build_engines.repository import format_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_INPUTS = ROOT / "clients" / "perf_inputs.json"
@@ -51,25 +54,30 @@ PERF_CSV_COLUMNS = (
 )
 
 
-def repository_variant(source: Path, destination: Path, unet_dynamic_batching: str | None) -> Path:
-    """A copy of ``source`` whose unet config has ``unet_dynamic_batching`` as its dynamic_batching
-    block body (e.g. ``"max_queue_delay_microseconds: 0"``), or none at all when None."""
+def repository_variant(source: Path, destination: Path, queue_delay_us: int | None) -> Path:
+    """A copy of ``source`` whose unet stage batches with ``queue_delay_us`` as its
+    max_queue_delay_microseconds (the queue bound kept), or does not batch at all when None."""
     if destination.exists():
         shutil.rmtree(destination)
     shutil.copytree(source, destination, symlinks=True)
     config = destination / "unet" / "config.pbtxt"
-    text = config.read_text()
-    text, found = re.subn(r"dynamic_batching\s*\{[^}]*\}\n?", "", text)
-    if not found:
-        raise RuntimeError(f"{config}: no dynamic_batching block to replace")
-    if unet_dynamic_batching is not None:
-        text = text.replace(
-            'backend: "python"\n',
-            f'backend: "python"\ndynamic_batching {{\n  {unet_dynamic_batching}\n}}\n',
-            1,
-        )
-    config.write_text(text)
+    msg = parse_config(config.read_text())
+    if not msg.HasField("dynamic_batching"):
+        raise RuntimeError(f"{config}: no dynamic_batching block to vary")
+    if queue_delay_us is None:
+        msg.ClearField("dynamic_batching")
+    else:
+        msg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    config.write_text(format_config(msg, f"benchmark variant of {source}"))
     return destination
+
+
+def unet_batching(repository: Path) -> str:
+    """The unet stage's dynamic_batching block on one line, or "off"."""
+    msg = parse_config((repository / "unet" / "config.pbtxt").read_text())
+    if not msg.HasField("dynamic_batching"):
+        return "off"
+    return f"dynamic_batching {{ {text_format.MessageToString(msg.dynamic_batching, as_one_line=True)} }}"
 
 
 PROGRESS_LINES = r"(Request concurrency|Request Rate|Pass \[|\s*Concurrency:|Failed|Error|Warning)"

@@ -44,6 +44,7 @@ from benchmarks.serving_common import (
     read_perf_csv,
     repository_variant,
     run_perf_analyzer,
+    unet_batching,
     update_benchmarks_section,
 )
 from distrifusion.serving.cpu_server import CpuServer, ensure_cpu_repository
@@ -211,15 +212,6 @@ def merge_csv(parts: list[Path], destination: Path) -> None:
             lines.append(text[0])
         lines += rows
     destination.write_text("\n".join(lines) + "\n")
-
-
-def unet_batching(repository: Path) -> str:
-    text = (repository / "unet" / "config.pbtxt").read_text()
-    match = re.search(r"dynamic_batching\s*\{([^}]*)\}", text)
-    if not match:
-        return "off"
-    body = " ".join(match.group(1).split())
-    return f"dynamic_batching {{ {body} }}" if body else "dynamic_batching { }"
 
 
 def plot(results: dict[str, Any], path: Path, title: str) -> None:
@@ -395,23 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = (args.repository or ensure_cpu_repository()).resolve()
         copies = args.output_dir / "repositories"
-        plan: list[tuple[str, str | None, bool]] = [("default", "keep", True)]
+        # (variant, the unet's max_queue_delay_microseconds or None for no batching, full sweep?);
+        # "default" is the repository as built.
+        plan: list[tuple[str, int | None, bool]] = [("default", None, True)]
         if not args.no_batching_comparison:
-            delay_us = int(args.queue_delay_ms * 1000)
             plan += [
                 ("no-batching", None, True),
-                (f"delay-{args.queue_delay_ms:g}ms", f"max_queue_delay_microseconds: {delay_us}", True),
+                (f"delay-{args.queue_delay_ms:g}ms", int(args.queue_delay_ms * 1000), True),
             ]
         comparison_level = max(levels)
         comparison: dict[str, Any] = {"concurrency": comparison_level, "rows": {}}
-        for variant, batching, full_sweep in plan:
-            if batching == "keep":
-                repository = source
-            else:
-                repository = repository_variant(source, copies / variant, batching)
-            results["variants"][variant] = (
-                f"{unet_batching(repository)}{' (as built)' if batching == 'keep' else ''}"
-            )
+        for variant, queue_delay_us, full_sweep in plan:
+            as_built = variant == "default"
+            repository = source if as_built else repository_variant(source, copies / variant, queue_delay_us)
+            results["variants"][variant] = f"{unet_batching(repository)}{' (as built)' if as_built else ''}"
             sweep.progress(
                 f"{variant}: starting tritonserver on {repository} ({results['variants'][variant]})"
             )
