@@ -1,17 +1,20 @@
 """The operator's key file and the supervisor's side of the lock-down and of readiness, without a
 server: what it refuses to start with, and which models it loads back (a recovery's) or leaves to
-the operator (an unload it did not make)."""
+the operator (an unload it did not make), and the stubs it cleans up after the server exits."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from distrifusion.serving import processes
 from distrifusion.serving import supervisor as supervisor_module
 from distrifusion.serving.health import GATE, HealthBoard
 from distrifusion.serving.operator_key import (
@@ -229,3 +232,47 @@ def test_models_dropped_during_a_recovery_are_loaded_back(watched, capsys) -> No
     log = capsys.readouterr().err
     assert "sdxl was dropped during the recovery: loading it again" in log
     assert "until the operator loads it" not in log
+
+
+def test_stubs_left_running_after_the_server_exits_are_killed(tmp_path: Path, monkeypatch, capsys) -> None:
+    """As tritonserver leaves a stub busy in execute() when --exit-timeout-secs runs out: the
+    stub (a real process named like one) is killed; another program under a seen pid is spared."""
+    stub = subprocess.Popen(["bash", "-c", f"exec -a {tmp_path}/triton_python_backend_stub sleep 120"])
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while not processes.cmdline(stub.pid)[0].endswith("triton_python_backend_stub"):
+            assert time.monotonic() < deadline, "the stand-in stub did not start"
+            time.sleep(0.05)
+        monkeypatch.setattr(
+            supervisor_module, "stub_models", lambda _pid: {stub.pid: "unet", other.pid: "unet"}
+        )
+        monkeypatch.setattr(supervisor_module, "_STUB_GRACE_S", 0.5)
+        monkeypatch.setattr(supervisor_module, "_POLL_SECONDS", 0.01)
+        triton = FakeTriton()
+        triton.states = {}
+        supervisor = Supervisor(
+            ExitingServer(polls=6), triton, HealthBoard(tmp_path), SupervisorMetrics(), 3, 600.0
+        )
+        assert supervisor.run() == 0
+        assert stub.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None, "a process that is not a stub was killed"
+        assert f"killed stub(s) [{stub.pid}] still running" in capsys.readouterr().err
+    finally:
+        for process in (stub, other):
+            process.kill()
+            process.wait()
+
+
+class ExitingServer:
+    """A tritonserver that runs for ``polls`` polls and exits with 0."""
+
+    pid = 0
+    returncode = 0
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def poll(self) -> int | None:
+        self.polls -= 1
+        return None if self.polls > 0 else 0

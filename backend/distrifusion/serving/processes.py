@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
+
+STUB_PROGRAM = "triton_python_backend_stub"
 
 
 def child_pids(pid: int) -> list[int]:
@@ -29,6 +34,14 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): a pid with another start time is another process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tritonserver_pid(pid: int) -> int | None:
     """``pid`` itself if it runs tritonserver, else its tritonserver child (under the supervisor)."""
     for candidate in (pid, *child_pids(pid)):
@@ -44,6 +57,33 @@ def stub_models(server_pid: int) -> dict[int, str]:
     found = {}
     for pid in child_pids(server_pid):
         command = cmdline(pid)
-        if command and command[0].endswith("triton_python_backend_stub") and len(command) > 1:
+        if _is_stub(command) and len(command) > 1:
             found[pid] = Path(command[1]).parts[-3]
     return found
+
+
+def _is_stub(command: list[str]) -> bool:
+    return bool(command) and command[0].endswith(STUB_PROGRAM)
+
+
+def kill_leftover_stubs(stubs: dict[int, int | None], grace_s: float) -> list[int]:
+    """SIGKILLs the ``stubs`` (pid -> :func:`start_time`) still running ``grace_s`` after their
+    tritonserver exited; the pids it killed. A stub busy in ``execute()`` when the server's exit
+    timeout ran out is left behind (re-parented to init) and keeps its CPU or GPU. A pid whose start
+    time changed belongs to another process by now and is spared."""
+
+    def ours(pid: int) -> bool:
+        return running(pid) and start_time(pid) == stubs[pid] and _is_stub(cmdline(pid))
+
+    deadline = time.monotonic() + grace_s
+    while any(ours(pid) for pid in stubs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = []
+    for pid in sorted(stubs):
+        if ours(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.append(pid)
+    return killed

@@ -39,7 +39,9 @@ So, with the server in ``--model-control-mode=explicit``:
   own entry on the board says ``gave_up``, which the liveness probe (:mod:`.probe`) turns into a
   container restart.
 
-The supervisor forwards SIGTERM and SIGINT to tritonserver and exits with its exit status.
+The supervisor forwards SIGTERM and SIGINT to tritonserver and exits with its exit status. A stub
+still running ``_STUB_GRACE_S`` after tritonserver exited (one busy in ``execute()`` when the
+server's ``--exit-timeout-secs`` ran out) is killed: it would otherwise keep its CPU or GPU.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ from typing import Any
 
 from .health import GATE, HEALTH_DIR_VARIABLE, SUPERVISOR, HealthBoard, health_directory
 from .operator_key import HEADER, KEY_FILE_VARIABLE, OperatorKeyError, read_key, restricted_server_flags
-from .processes import stub_models
+from .processes import kill_leftover_stubs, start_time, stub_models
 from .supervisor_metrics import SupervisorMetrics
 
 _POLL_SECONDS = 0.5
 _UNLOAD_WAIT_S = 10.0
+_STUB_GRACE_S = 5.0
 
 
 class TritonControl:
@@ -159,6 +162,8 @@ class Supervisor:
         self._gate_thread: threading.Thread | None = None
         self.state = "starting"
         self.stopping = False
+        self.stubs_seen: dict[int, int | None] = {}
+        """Pid -> start time of every stub seen while the server ran: those to clean up after it exits."""
 
     def log(self, message: str) -> None:
         print(f"supervisor: {message}", file=sys.stderr, flush=True)
@@ -187,9 +192,14 @@ class Supervisor:
             self.metrics.observe(self.served, {m: "READY" for m in self.served}, ready=True)
             self.log(f"serving {self.served}; watching stubs {dict(self._expected)}")
         while self.server.poll() is None:
+            for pid in stub_models(self.server.pid):
+                self.stubs_seen[pid] = start_time(pid)
             if not self.stopping:
                 self.watch_once()
             time.sleep(_POLL_SECONDS)
+        killed = kill_leftover_stubs(self.stubs_seen, _STUB_GRACE_S)
+        if killed:
+            self.log(f"killed stub(s) {killed} still running {_STUB_GRACE_S:g} s after tritonserver exited")
         return self.server.returncode
 
     def watch_once(self) -> None:
