@@ -1,0 +1,217 @@
+"""Stage 2: the UNet, on latents and text encodings computed once and cached.
+
+The text encoders are the SDXL pipeline's two CLIP encoders with the real vocabulary, frozen at
+their seeded random weights: a caption's tokens still reach the UNet as distinct vectors, which
+the cross-attention learns to read. Only the UNet trains:
+- epsilon prediction on the SDXL noise schedule (scaled_linear betas, 1000 steps), each sample's
+  loss weighted by min(SNR, 5) / SNR ("Min-SNR", Hang et al. 2023), which converges faster;
+- several latent sizes and aspect ratios (``BUCKETS``), each batch one size, with SDXL's
+  ``text_time`` micro-conditioning saying the size (original = target, no crop);
+- classifier-free dropout: 10% of captions replaced by zero embeddings, what the pipeline uses for
+  an empty negative prompt (``force_zeros_for_empty_prompt``);
+- an exponential moving average of the weights, the one shipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+from tqdm import tqdm
+
+from distrifusion.tiny_model import SDXL_SCHEDULER_CONFIG, build_tiny_sdxl
+
+from . import checkpoint
+from .scenes import random_scene, render
+
+UNET_CHANNELS = (32, 64, 128)
+UNET_TRANSFORMER_LAYERS = (1, 1, 2)
+TRAINED_SIDE = 256  # pixels: the model's native size (32 x 32 latents)
+# (latent height, latent width) -> share of the scenes.
+BUCKETS: dict[tuple[int, int], float] = {
+    (32, 32): 0.4,
+    (24, 32): 0.1,
+    (32, 24): 0.1,
+    (16, 16): 0.2,
+    (16, 24): 0.1,
+    (24, 16): 0.1,
+}
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+EMA_DECAY = 0.999
+PREVIEW_SEEDS = tuple(range(10**6, 10**6 + 8))  # held out: training scenes have seeds below 10**6
+
+
+def base_pipeline(seed: int) -> StableDiffusionXLPipeline:
+    """The untrained pipeline: seeded text encoders and UNet, tokenizers, the SDXL scheduler."""
+    return build_tiny_sdxl(
+        seed=seed,
+        block_out_channels=UNET_CHANNELS,
+        transformer_layers_per_block=UNET_TRANSFORMER_LAYERS,
+        sample_size=TRAINED_SIDE // 8,
+    )
+
+
+@dataclass
+class Cache:
+    """Everything the UNet's training reads: latents per size, the captions' encodings."""
+
+    latents: dict[tuple[int, int], torch.Tensor]  # bucket -> N_b x 4 x h x w (scaled)
+    scenes: dict[tuple[int, int], torch.Tensor]  # bucket -> N_b scene indices
+    prompt_embeds: torch.Tensor  # N x 77 x D, float16
+    pooled: torch.Tensor  # N x D2
+
+
+@torch.no_grad()
+def build_cache(
+    pipe: StableDiffusionXLPipeline, vae: AutoencoderKL, scenes: int, seed: int, path: Path
+) -> Cache:
+    """Renders and encodes ``scenes`` training scenes (seeds 0..scenes-1), or loads them from ``path``
+    when it was made from the same VAE weights and settings."""
+    key = hashlib.sha256(
+        repr(
+            (scenes, seed, BUCKETS, sorted((k, v.sum().item()) for k, v in vae.state_dict().items()))
+        ).encode()
+    ).hexdigest()
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        if cached["key"] == key:
+            return cached["cache"]
+    rng = random.Random(seed)
+    sizes, shares = zip(*BUCKETS.items(), strict=True)
+    assigned = rng.choices(sizes, weights=shares, k=scenes)
+    latents: dict[tuple[int, int], list[torch.Tensor]] = {size: [] for size in sizes}
+    members: dict[tuple[int, int], list[int]] = {size: [] for size in sizes}
+    for size in sizes:
+        indices = [i for i, s in enumerate(assigned) if s == size]
+        for start in tqdm(
+            range(0, len(indices), 64), desc=f"latents {size[0] * 8}x{size[1] * 8}", unit="batch"
+        ):
+            chunk = indices[start : start + 64]
+            pixels = np.stack([np.asarray(render(random_scene(i), size[1] * 8, size[0] * 8)) for i in chunk])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+            latents[size].append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+            members[size].extend(chunk)
+    embeds, pooled = [], []
+    captions = [random_scene(i).caption for i in range(scenes)]
+    for start in tqdm(range(0, scenes, 256), desc="captions", unit="batch"):
+        prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(
+            captions[start : start + 256], device="cpu", do_classifier_free_guidance=False
+        )
+        embeds.append(prompt_embeds.half())
+        pooled.append(pooled_embeds)
+    cache = Cache(
+        latents={size: torch.cat(parts) for size, parts in latents.items()},
+        scenes={size: torch.tensor(ids) for size, ids in members.items()},
+        prompt_embeds=torch.cat(embeds),
+        pooled=torch.cat(pooled),
+    )
+    torch.save({"key": key, "cache": cache}, path)
+    return cache
+
+
+def time_ids(height: int, width: int, batch: int) -> torch.Tensor:
+    """SDXL's micro-conditioning: original size, crop corner, target size (pixels)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
+
+
+def train_unet(
+    work: Path, vae: AutoencoderKL, steps: int, batch: int, scenes: int, seed: int, learning_rate: float
+) -> StableDiffusionXLPipeline:
+    """Trains (or resumes) the UNet in ``work``; returns the pipeline with the averaged weights."""
+    pipe = base_pipeline(seed)
+    pipe.vae = vae
+    for frozen in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        frozen.requires_grad_(False)
+    cache = build_cache(pipe, vae, scenes, seed, work / "unet_cache.pt")
+    unet = pipe.unet
+    noise_schedule = DDPMScheduler(
+        **{
+            k: SDXL_SCHEDULER_CONFIG[k]
+            for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
+        }
+    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.03
+    )
+    ema = EMAModel(unet.parameters(), decay=EMA_DECAY)
+    state = work / "unet.ckpt"
+    torch.manual_seed(seed)
+    start = checkpoint.load(state, unet=unet, optimizer=optimizer, schedule=schedule, ema=ema)
+    sizes, shares = zip(*BUCKETS.items(), strict=True)
+    progress = tqdm(range(start, steps), initial=start, total=steps, desc="unet", unit="step")
+    losses: list[float] = []
+    unet.train()
+    for step in progress:
+        size = random.choices(sizes, weights=shares)[0]
+        pick = torch.randint(len(cache.scenes[size]), (batch,))
+        latents, scene_ids = cache.latents[size][pick], cache.scenes[size][pick]
+        prompt_embeds, pooled = cache.prompt_embeds[scene_ids].float(), cache.pooled[scene_ids].clone()
+        dropped = torch.rand(batch) < CAPTION_DROPOUT
+        prompt_embeds[dropped], pooled[dropped] = 0.0, 0.0
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,))
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        prediction = unet(
+            noisy,
+            timesteps,
+            prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids(size[0] * 8, size[1] * 8, batch)},
+        ).sample
+        snr = compute_snr(noise_schedule, timesteps)
+        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if step % 25 == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        if (step + 1) % 250 == 0 or step == steps - 1:
+            checkpoint.save(state, step + 1, unet=unet, optimizer=optimizer, schedule=schedule, ema=ema)
+            with (work / "unet_losses.txt").open("a") as log:
+                log.write(f"{step + 1} {np.mean(losses[-250:]):.5f}\n")
+        if (step + 1) % 1000 == 0 or step == steps - 1:
+            preview(averaged(pipe, ema), work / f"preview_{step + 1:05d}.png")
+            unet.train()
+    return averaged(pipe, ema)
+
+
+def averaged(pipe: StableDiffusionXLPipeline, ema: EMAModel) -> StableDiffusionXLPipeline:
+    """``pipe`` with a UNet that holds the moving average, in eval mode (the training UNet is kept)."""
+    unet = copy.deepcopy(pipe.unet)
+    ema.copy_to(unet.parameters())
+    return StableDiffusionXLPipeline(**{**pipe.components, "unet": unet.eval()})
+
+
+@torch.no_grad()
+def preview(pipe: StableDiffusionXLPipeline, path: Path, steps: int = 20) -> None:
+    """Held-out prompts at the trained size, one row; their captions under each picture."""
+    scenes = [random_scene(seed) for seed in PREVIEW_SEEDS]
+    images = pipe(
+        prompt=[s.caption for s in scenes],
+        height=TRAINED_SIDE,
+        width=TRAINED_SIDE,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    truth = [render(s, TRAINED_SIDE, TRAINED_SIDE) for s in scenes]
+    grid = Image.new("RGB", (TRAINED_SIDE * len(images), TRAINED_SIDE * 2), "white")
+    for column, (made, wanted) in enumerate(zip(images, truth, strict=True)):
+        grid.paste(made, (column * TRAINED_SIDE, 0))
+        grid.paste(wanted, (column * TRAINED_SIDE, TRAINED_SIDE))
+    grid.save(path)
+    tqdm.write(f"preview: {path} (top: generated, bottom: the scene its prompt describes)")
