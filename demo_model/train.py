@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--scenes", type=int, default=16000, help="training scenes (seeds 0..N-1)")
     parser.add_argument("--learning-rate", type=float, default=4e-4, help="the UNet's peak learning rate")
+    parser.add_argument(
+        "--train-text-encoders",
+        action="store_true",
+        help="train both text encoders with the UNet (default: frozen)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return parser
 
@@ -54,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae = train_vae(args.work, args.vae_steps, args.batch, args.seed)
         vae.save_pretrained(vae_dir)
     vae_minutes = (time.monotonic() - started) / 60
-    pipe = train_unet(args.work, vae, args.unet_steps, args.batch, args.scenes, args.seed, args.learning_rate)
+    pipe = train_unet(args.work, vae, args.unet_steps, args.batch, args.scenes, args.seed, args.learning_rate,
+                      text_encoders=args.train_text_encoders)  # fmt: skip
     # Half precision halves what the repository carries; the loaders cast to the run's dtype.
     pipe.to(torch.float16).save_pretrained(args.output, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
@@ -66,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": args.batch,
         "scenes": args.scenes,
         "learning_rate": args.learning_rate,
+        "train_text_encoders": args.train_text_encoders,
         "vae_scaling_factor": vae.config.scaling_factor,
         "minutes_this_run": round((time.monotonic() - started) / 60, 1),
         "vae_minutes_this_run": round(vae_minutes, 1),

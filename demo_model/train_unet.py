@@ -1,8 +1,9 @@
 """Stage 2: the UNet, on latents and text encodings computed once and cached.
 
-The text encoders are the SDXL pipeline's two CLIP encoders with the real vocabulary, frozen at
-their seeded random weights: a caption's tokens still reach the UNet as distinct vectors, which
-the cross-attention learns to read. Only the UNet trains:
+The text encoders are the SDXL pipeline's two CLIP encoders with the real vocabulary. By default
+they stay frozen at their seeded random weights (a caption's tokens still reach the UNet as
+distinct vectors, which the cross-attention learns to read) and their encodings are cached;
+``text_encoders=True`` trains them with the UNet, encoding each batch afresh. The UNet trains with:
 - epsilon prediction on the SDXL noise schedule (scaled_linear betas, 1000 steps), each sample's
   loss weighted by min(SNR, 5) / SNR ("Min-SNR", Hang et al. 2023), which converges faster;
 - several latent sizes and aspect ratios (``BUCKETS``), each batch one size, with SDXL's
@@ -118,20 +119,61 @@ def build_cache(
     return cache
 
 
+def token_ids(pipe: StableDiffusionXLPipeline, scenes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tokenizers' ids of the training captions, padded to 77 as the pipeline pads them."""
+    captions = [random_scene(i).caption for i in range(scenes)]
+    return tuple(
+        tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer_2)
+    )
+
+
+def encode(
+    pipe: StableDiffusionXLPipeline, ids: torch.Tensor, ids_2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings, pooled embeddings) as the pipeline's ``encode_prompt`` makes them: both
+    encoders' penultimate hidden states side by side, the second encoder's projection."""
+    first = pipe.text_encoder(ids, output_hidden_states=True)
+    second = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second[0]
+
+
 def time_ids(height: int, width: int, batch: int) -> torch.Tensor:
     """SDXL's micro-conditioning: original size, crop corner, target size (pixels)."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
 
 
 def train_unet(
-    work: Path, vae: AutoencoderKL, steps: int, batch: int, scenes: int, seed: int, learning_rate: float
+    work: Path,
+    vae: AutoencoderKL,
+    steps: int,
+    batch: int,
+    scenes: int,
+    seed: int,
+    learning_rate: float,
+    text_encoders: bool = False,
+    bucket_weights: dict[tuple[int, int], float] | None = None,
 ) -> StableDiffusionXLPipeline:
-    """Trains (or resumes) the UNet in ``work``; returns the pipeline with the averaged weights."""
+    """Trains (or resumes) the UNet, and the text encoders with ``text_encoders``, in ``work``;
+    returns the pipeline with the averaged weights. ``bucket_weights`` (default: ``BUCKETS``)
+    says how often each cached size is drawn."""
     pipe = base_pipeline(seed)
     pipe.vae = vae
-    for frozen in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        frozen.requires_grad_(False)
+    trained = {"unet": pipe.unet}
+    if text_encoders:
+        trained |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if name not in trained:
+            getattr(pipe, name).requires_grad_(False)
     cache = build_cache(pipe, vae, scenes, seed, work / "unet_cache.pt")
+    ids, ids_2 = token_ids(pipe, scenes)
+    parameters = [p for module in trained.values() for p in module.parameters()]
     unet = pipe.unet
     noise_schedule = DDPMScheduler(
         **{
@@ -139,25 +181,29 @@ def train_unet(
             for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
         }
     )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.03
     )
-    ema = EMAModel(unet.parameters(), decay=EMA_DECAY)
+    ema = EMAModel(parameters, decay=EMA_DECAY)
     state = work / "unet.ckpt"
     torch.manual_seed(seed)
-    start = checkpoint.load(state, unet=unet, optimizer=optimizer, schedule=schedule, ema=ema)
-    sizes, shares = zip(*BUCKETS.items(), strict=True)
+    start = checkpoint.load(state, **trained, optimizer=optimizer, schedule=schedule, ema=ema)
+    sizes, shares = zip(*(bucket_weights or BUCKETS).items(), strict=True)
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="unet", unit="step")
     losses: list[float] = []
-    unet.train()
+    for module in trained.values():
+        module.train()
     for step in progress:
         size = random.choices(sizes, weights=shares)[0]
         pick = torch.randint(len(cache.scenes[size]), (batch,))
         latents, scene_ids = cache.latents[size][pick], cache.scenes[size][pick]
-        prompt_embeds, pooled = cache.prompt_embeds[scene_ids].float(), cache.pooled[scene_ids].clone()
-        dropped = torch.rand(batch) < CAPTION_DROPOUT
-        prompt_embeds[dropped], pooled[dropped] = 0.0, 0.0
+        if text_encoders:
+            prompt_embeds, pooled = encode(pipe, ids[scene_ids], ids_2[scene_ids])
+        else:
+            prompt_embeds, pooled = cache.prompt_embeds[scene_ids].float(), cache.pooled[scene_ids]
+        kept = (torch.rand(batch) >= CAPTION_DROPOUT).float()
+        prompt_embeds, pooled = prompt_embeds * kept[:, None, None], pooled * kept[:, None]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,))
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
@@ -172,28 +218,32 @@ def train_unet(
         loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        ema.step(unet.parameters())
+        ema.step(parameters)
         losses.append(loss.item())
         if step % 25 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % 250 == 0 or step == steps - 1:
-            checkpoint.save(state, step + 1, unet=unet, optimizer=optimizer, schedule=schedule, ema=ema)
+            checkpoint.save(state, step + 1, **trained, optimizer=optimizer, schedule=schedule, ema=ema)
             with (work / "unet_losses.txt").open("a") as log:
                 log.write(f"{step + 1} {np.mean(losses[-250:]):.5f}\n")
         if (step + 1) % 1000 == 0 or step == steps - 1:
-            preview(averaged(pipe, ema), work / f"preview_{step + 1:05d}.png")
-            unet.train()
-    return averaged(pipe, ema)
+            preview(averaged(pipe, trained, ema), work / f"preview_{step + 1:05d}.png")
+            for module in trained.values():
+                module.train()
+    return averaged(pipe, trained, ema)
 
 
-def averaged(pipe: StableDiffusionXLPipeline, ema: EMAModel) -> StableDiffusionXLPipeline:
-    """``pipe`` with a UNet that holds the moving average, in eval mode (the training UNet is kept)."""
-    unet = copy.deepcopy(pipe.unet)
-    ema.copy_to(unet.parameters())
-    return StableDiffusionXLPipeline(**{**pipe.components, "unet": unet.eval()})
+def averaged(
+    pipe: StableDiffusionXLPipeline, trained: dict[str, torch.nn.Module], ema: EMAModel
+) -> StableDiffusionXLPipeline:
+    """``pipe`` whose ``trained`` modules hold the moving average, in eval mode (the training
+    modules are kept)."""
+    copies = {name: copy.deepcopy(module) for name, module in trained.items()}
+    ema.copy_to([p for module in copies.values() for p in module.parameters()])
+    return StableDiffusionXLPipeline(**{**pipe.components, **{n: m.eval() for n, m in copies.items()}})
 
 
 @torch.no_grad()
