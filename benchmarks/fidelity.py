@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from benchmarks.harness import log, machine_line, replace_section, start_conditions, write_json
+from benchmarks.harness import log, machine_line, publish, start_conditions
 from benchmarks.prompt_following import held_out_scenes
 from benchmarks.serving_common import BENCHMARKS_MD
 from demo_model import SHIPPED
@@ -128,12 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "machine": machine_line(), "conditions": conditions,
               "steps": args.steps, "seed": args.seed, "minutes": (time.monotonic() - started) / 60,
               "prompts": [s.caption for s in scenes], "results": results}  # fmt: skip
-    write_json(RESULTS, report)
     picture_grid(figure_rows, FIGURE)
-    text = markdown(report)
-    print(text)
-    if args.benchmarks_md:
-        replace_section(Path(args.benchmarks_md), HEADING, text)
+    publish(RESULTS, report, markdown(report), args.benchmarks_md, HEADING)
     return 0
 
 

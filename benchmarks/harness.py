@@ -297,3 +297,12 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+def publish(results: Path, report: dict, text: str, benchmarks_md: str, heading: str) -> None:
+    """A benchmark's end: ``report`` as JSON at ``results``, ``text`` printed and, unless
+    ``benchmarks_md`` is empty, written as the body of the ``heading`` section of that file."""
+    write_json(results, report)
+    print(text)
+    if benchmarks_md:
+        replace_section(Path(benchmarks_md), heading, text)

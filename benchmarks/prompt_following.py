@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.harness import log, machine_line, replace_section, start_conditions, write_json
+from benchmarks.harness import log, machine_line, publish, start_conditions
 from benchmarks.serving_common import BENCHMARKS_MD
 from clients.sdxl_client import generate
 from demo_model import SHIPPED
@@ -121,12 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "rows": rows,
     }
-    write_json(RESULTS, report)
     grid(pictures[:16], [s for _, s in scenes[:16]], FIGURE)
-    text = markdown(report)
-    print(text)
-    if args.benchmarks_md:
-        replace_section(Path(args.benchmarks_md), HEADING, text)
+    publish(RESULTS, report, markdown(report), args.benchmarks_md, HEADING)
     return 0
 
 

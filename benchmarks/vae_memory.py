@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import log, machine_line, replace_section, start_conditions, write_json
+from benchmarks.harness import log, machine_line, publish, start_conditions
 from benchmarks.serving_common import BENCHMARKS_MD
 from distrifusion.vae.decode import ENGINES, TILE_ENGINE, TILE_STATISTICS_ENGINE, WHOLE_ENGINE
 from distrifusion.vae.footprint import LIVE_ACTIVATIONS, DecoderFootprint
@@ -192,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = start_conditions()
     report = {"date": datetime.date.today().isoformat(), "machine": machine_line(), "conditions": conditions,
               "onnxruntime": onnxruntime.__version__, **run(args.models.split(","), args.repository)}  # fmt: skip
-    write_json(RESULTS, report)
-    text = markdown(report)
-    print(text)
-    if args.benchmarks_md:
-        replace_section(Path(args.benchmarks_md), SECTION, text)
+    publish(RESULTS, report, markdown(report), args.benchmarks_md, SECTION)
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from benchmarks.harness import log, machine_line, replace_section, start_conditions, write_json
+from benchmarks.harness import log, machine_line, publish, start_conditions
 from benchmarks.serving_common import BENCHMARKS_MD
 from distrifusion.export.onnx_export import ort_session
 from distrifusion.serving.cpu_server import checkout_root, ensure_cpu_repository
@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {row}")
     report = {"date": datetime.date.today().isoformat(), "machine": machine_line(), "conditions": conditions,
               "results": results}  # fmt: skip
-    write_json(RESULTS, report)
-    text = markdown(report)
-    print(text)
-    if args.benchmarks_md:
-        replace_section(Path(args.benchmarks_md), "## VAE tiling (`benchmarks/vae_tiling.py`)", text)
+    publish(
+        RESULTS, report, markdown(report), args.benchmarks_md, "## VAE tiling (`benchmarks/vae_tiling.py`)"
+    )
     return 0
 
 
