@@ -32,22 +32,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.cpu_patch_parallel import (
-    Settings,
-    build_pipe,
-    denoise,
-    make_inputs,
-    peak_rss_bytes,
-    release_memory,
-    reset_peak_rss,
-)
+from benchmarks.cpu_patch_parallel import Settings, build_pipe, denoise, make_inputs
 from benchmarks.harness import (
     MIB,
     ForeignCpu,
     log,
     machine_info,
     machine_line,
+    peak_rss_bytes,
+    release_memory,
     replace_section,
+    reset_peak_rss,
     wait_idle,
     write_json,
 )

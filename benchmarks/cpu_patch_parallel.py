@@ -16,27 +16,23 @@ Each rank is limited to one intra-op thread (the 1-rank baseline too), so N rank
 machine with fewer cores than ranks the run is oversubscribed and is flagged as such.
 
 On a shared machine other processes' work would land in the timings: before each phase the script
-waits for idle CPUs, measures the CPU other processes used during every measurement, and re-runs a
-measurement they disturbed (--retries); --resume keeps undisturbed phases across an interrupted run.
+waits for idle CPUs (--wait-idle), measures the CPU other processes used during every measurement, and
+re-runs a measurement they disturbed (--retries); --resume keeps undisturbed phases across an
+interrupted run. That machinery, the timing loops and the paired statistics are benchmarks/harness.py's;
+this script holds its configurations, what it measures per step, and its tables. It writes the JSON
+only: the BENCHMARKS.md section "CPU: patch parallelism on gloo ranks" is written by hand from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
-import gc
-import hashlib
 import math
 import os
-import pickle
-import resource
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +44,29 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from benchmarks.band_simulation import endless_generation, simulate, simulated_band_unet
-from benchmarks.harness import MIB, ForeignCpu, machine_info, wait_idle, write_json
+from benchmarks.harness import (
+    FOREIGN_LIMIT,
+    MIB,
+    ForeignCpu,
+    Phases,
+    Profile,
+    abba,
+    all_ranks,
+    checkpoint_folder,
+    compare_profiles,
+    disturbed,
+    log,
+    machine_info,
+    machine_line,
+    paired_ratios,
+    peak_rss_bytes,
+    profile_ops,
+    release_memory,
+    reset_peak_rss,
+    slowest_median,
+    step_seconds,
+    write_json,
+)
 from distrifusion.config import DistriConfig, Mode
 from distrifusion.launch import spawn_local
 from distrifusion.serving.cpu_server import status_bytes
@@ -109,35 +127,6 @@ class Settings:
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory
-
-
-def release_memory() -> None:
-    """Returns freed heap to the OS, so the next peak is not inflated by the previous run's leftovers."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    hwm = status_bytes(os.getpid(), "VmHWM")
-    if hwm is not None:
-        return hwm
-    # ru_maxrss is the whole process lifetime's peak (KiB on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# --------------------------------------------------------------------------------------------------
 # Model and inputs
 
 
@@ -195,24 +184,13 @@ class StepRecord:
     collectives: int
 
 
-def profile_ops(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
-    """Runs ``fn`` under the CPU profiler; returns its result and op name -> (self CPU ms, calls)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        result = fn()
-    return result, {
-        event.key: (event.self_cpu_time_total / 1000.0, event.count)
-        for event in prof.key_averages()
-        if event.self_cpu_time_total > 0
-    }
-
-
 def denoise(
     pipe: StableDiffusionXLPipeline,
     unet: nn.Module,
     inputs: Inputs,
     settings: Settings,
     profile_rank0: bool,
-) -> tuple[torch.Tensor, list[StepRecord], dict[str, tuple[float, int]] | None]:
+) -> tuple[torch.Tensor, list[StepRecord], Profile | None]:
     """The SDXL denoising loop (CFG, Euler) with every UNet call timed; returns the final latents."""
     scheduler = make_scheduler(pipe, settings.steps)
     latents = inputs.latents * scheduler.init_noise_sigma
@@ -222,7 +200,7 @@ def denoise(
             GenerationInfo(do_classifier_free_guidance=True, num_timesteps=settings.steps)
         )
     records: list[StepRecord] = []
-    profile: dict[str, tuple[float, int]] | None = None
+    profile: Profile | None = None
     for index, timestep in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
 
@@ -275,11 +253,7 @@ def decode_uint8(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> np.n
 
 
 # --------------------------------------------------------------------------------------------------
-# What one rank runs
-
-
-FOREIGN_LIMIT = 0.05
-"""A measurement during which other processes used more than this share of the CPUs is retried."""
+# What the ranks run
 
 
 def _rank_summary(records: list[StepRecord], peak: int, rss_before: int) -> dict[str, Any]:
@@ -296,15 +270,48 @@ def _rank_summary(records: list[StepRecord], peak: int, rss_before: int) -> dict
     }
 
 
+def generate(
+    settings: Settings, config: DistriConfig, world: int, profile_here: bool
+) -> dict[str, Any] | None:
+    """One measured generation on every rank of the group; rank 0 returns every rank's per-step
+    records, the latents, the decoded image and its profile (the other ranks None)."""
+    release_memory()
+    pipe = build_pipe(settings)
+    inputs = make_inputs(pipe, settings)
+    unet = DistriUNet(pipe.unet, config)
+    release_memory()
+    rss_before = status_bytes(os.getpid(), "VmRSS") or 0
+    peak_supported = reset_peak_rss()
+    meter = ForeignCpu(world=world).start()
+    latents, records, profile = denoise(pipe, unet, inputs, settings, profile_here)
+    window = meter.stop()
+    summary = _rank_summary(records, peak_rss_bytes(), rss_before)
+    summary["peak_rss_is_per_run"] = peak_supported
+    per_rank = all_ranks(summary)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {
+        "ranks": per_rank,
+        "latents": latents.numpy(),
+        "image": decode_uint8(pipe, latents),
+        "profile": profile,
+        "foreign_cpu": window,
+    }
+
+
+def run_single_generation(settings: Settings) -> dict[str, Any] | None:
+    """The 1-rank reference generation (the speedup baseline and the PSNR reference), with profile."""
+    torch.set_num_threads(1)
+    config = DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu")
+    return generate(settings, config, world=1, profile_here=settings.profile)
+
+
 def run_world(settings: Settings, world: int, modes: tuple[str, ...]) -> dict[str, Any]:
     """``modes`` at this world size; runs on every rank, rank 0's result counts."""
     torch.set_num_threads(1)
     rank = dist.get_rank() if dist.is_initialized() else 0
     results: dict[str, Any] = {}
     for mode in modes:
-        release_memory()
-        pipe = build_pipe(settings)
-        inputs = make_inputs(pipe, settings)
         config = DistriConfig(
             mode=mode,
             warmup_steps=settings.warmup_steps,
@@ -312,31 +319,21 @@ def run_world(settings: Settings, world: int, modes: tuple[str, ...]) -> dict[st
             dtype="fp32",
             device="cpu",
         )
-        unet = DistriUNet(pipe.unet, config)
-        release_memory()
-        rss_before = status_bytes(os.getpid(), "VmRSS") or 0
-        peak_supported = reset_peak_rss()
-        profile_here = rank == 0 and mode == Mode.CORRECTED_ASYNC_GN
-        meter = ForeignCpu(world=world).start()
-        latents, records, profile = denoise(pipe, unet, inputs, settings, profile_here)
-        window = meter.stop()
-        summary = _rank_summary(records, peak_rss_bytes(), rss_before)
-        summary["peak_rss_is_per_run"] = peak_supported
-        per_rank: list[Any] = [None] * world
-        if world > 1:
-            dist.all_gather_object(per_rank, summary)
-        else:
-            per_rank = [summary]
-        if rank == 0:
-            results[mode] = {
-                "ranks": per_rank,
-                "latents": latents.numpy(),
-                "image": decode_uint8(pipe, latents),
-                "profile": profile,
-                "foreign_cpu": window,
-            }
-        del pipe, unet, inputs, latents
+        result = generate(settings, config, world, profile_here=rank == 0 and mode == Mode.CORRECTED_ASYNC_GN)
+        if result is not None:
+            results[mode] = result
     return results
+
+
+def steady_input(
+    pipe: StableDiffusionXLPipeline, inputs: Inputs, settings: Settings
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """One mid-schedule timestep's UNet input (batch 2, CFG), the timestep and the conditioning."""
+    scheduler = make_scheduler(pipe, settings.steps)
+    timestep = scheduler.timesteps[settings.steps // 2]
+    model_input = scheduler.scale_model_input(torch.cat([inputs.latents * scheduler.sigmas[0]] * 2), timestep)
+    kwargs = {"encoder_hidden_states": inputs.prompt_embeds, "added_cond_kwargs": inputs.added_cond_kwargs}
+    return model_input, timestep, kwargs
 
 
 def run_paired_speedup(settings: Settings, mode: str, rounds: int, block: int) -> dict[str, Any]:
@@ -359,24 +356,16 @@ def run_paired_speedup(settings: Settings, mode: str, rounds: int, block: int) -
     parallel = DistriUNet(pipe.unet, config)
     # Rank 0 alone, inside the group: a topology of one rank (it never communicates).
     single = DistriUNet(build_pipe(settings).unet, config, topology=Topology())
-    scheduler = make_scheduler(pipe, settings.steps)
-    timestep = scheduler.timesteps[settings.steps // 2]
-    model_input = scheduler.scale_model_input(torch.cat([inputs.latents * scheduler.sigmas[0]] * 2), timestep)
-    kwargs = {"encoder_hidden_states": inputs.prompt_embeds, "added_cond_kwargs": inputs.added_cond_kwargs}
+    model_input, timestep, kwargs = steady_input(pipe, inputs, settings)
 
     def run_block(unet: DistriUNet) -> list[float]:
         return step_seconds(lambda: unet(model_input, timestep, **kwargs, return_dict=False), block)
 
-    def gathered(times: list[float]) -> list[list[float]]:
-        per_rank: list[Any] = [None] * world
-        dist.all_gather_object(per_rank, times)
-        return per_rank
+    def single_block() -> float:
+        return statistics.median(all_ranks(run_block(single) if rank == 0 else [])[0])
 
-    def single_block() -> list[float]:
-        return gathered(run_block(single) if rank == 0 else [])[0]
-
-    def parallel_block() -> list[float]:
-        return [max(step) for step in zip(*gathered(run_block(parallel)), strict=True)]
+    def parallel_block() -> float:
+        return statistics.median([max(step) for step in zip(*all_ranks(run_block(parallel)), strict=True)])
 
     with torch.no_grad():
         generation = endless_generation()
@@ -386,23 +375,19 @@ def run_paired_speedup(settings: Settings, mode: str, rounds: int, block: int) -
             parallel(model_input, timestep, **kwargs, return_dict=False)
         single_block()
         meter = ForeignCpu(world=world).start()
-        pairs = []
-        for round_index in range(rounds):
-            order = (single_block, parallel_block) if round_index % 2 == 0 else (parallel_block, single_block)
-            first, second = (measure() for measure in order)
-            single_times, parallel_times = (first, second) if round_index % 2 == 0 else (second, first)
-            pairs.append((statistics.median(single_times), statistics.median(parallel_times)))
+        pairs = abba(rounds, single_block, parallel_block)
         window = meter.stop()
-    ratios = [one / many for one, many in pairs]
+    single_medians, parallel_medians = [one for one, _ in pairs], [many for _, many in pairs]
+    paired = paired_ratios(single_medians, parallel_medians)
     return {
         "mode": mode,
         "world": world,
         "rounds": rounds,
         "steps_per_block": block,
-        "single_step_seconds": [one for one, _ in pairs],
-        "parallel_step_seconds": [many for _, many in pairs],
-        "ratios": ratios,
-        "median_ratio": statistics.median(ratios),
+        "single_step_seconds": single_medians,
+        "parallel_step_seconds": parallel_medians,
+        "ratios": paired["ratios"],
+        "median_ratio": paired["median_ratio"],
         "foreign_cpu": window,
     }
 
@@ -486,62 +471,21 @@ def run_plain_concurrent(settings: Settings, threads: int, repeats: int) -> dict
     unet = pipe.unet
     model_input = torch.cat([inputs.latents] * 2)
     kwargs = {"encoder_hidden_states": inputs.prompt_embeds, "added_cond_kwargs": inputs.added_cond_kwargs}
-    times = []
     with torch.no_grad():
         unet(model_input, 500, **kwargs, return_dict=False)
         meter = ForeignCpu(world=world).start()
-        for _ in range(repeats):
-            if world > 1:
-                dist.barrier()  # start together, so the steps really overlap
-            started = time.perf_counter()
-            unet(model_input, 500, **kwargs, return_dict=False)
-            times.append(time.perf_counter() - started)
+        times = step_seconds(
+            lambda: unet(model_input, 500, **kwargs, return_dict=False),
+            repeats,
+            before=dist.barrier if world > 1 else None,  # start together, so the steps really overlap
+        )
         window = meter.stop()
-    per_rank: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(per_rank, times)
-    else:
-        per_rank = [times]
     return {
         "ranks": world,
         "threads_per_rank": threads,
-        "step_seconds_per_rank": per_rank,
+        "step_seconds_per_rank": all_ranks(times),
         "foreign_cpu": window,
     }
-
-
-def run_single_generation(settings: Settings) -> dict[str, Any]:
-    """The 1-rank reference generation (the speedup baseline and the PSNR reference), with profile."""
-    torch.set_num_threads(1)
-    release_memory()
-    pipe = build_pipe(settings)
-    inputs = make_inputs(pipe, settings)
-    unet = DistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
-    release_memory()
-    rss_before = status_bytes(os.getpid(), "VmRSS") or 0
-    peak_supported = reset_peak_rss()
-    meter = ForeignCpu().start()
-    latents, records, profile = denoise(pipe, unet, inputs, settings, settings.profile)
-    generation_window = meter.stop()
-    summary = _rank_summary(records, peak_rss_bytes(), rss_before)
-    summary["peak_rss_is_per_run"] = peak_supported
-    return {
-        "ranks": [summary],
-        "latents": latents.numpy(),
-        "image": decode_uint8(pipe, latents),
-        "profile": profile,
-        "foreign_cpu": generation_window,
-    }
-
-
-def step_seconds(step: Callable[[], Any], repeats: int) -> list[float]:
-    """Wall seconds of each of ``repeats`` back-to-back calls of ``step``."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def run_single_overhead(settings: Settings) -> dict[str, Any]:
@@ -553,29 +497,23 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
     unet = DistriUNet(pipe.unet, DistriConfig(mode=Mode.CORRECTED_ASYNC_GN, device="cpu"))
     # The plain diffusers UNet with the same weights: the builder is deterministic per seed.
     plain = build_pipe(settings).unet
-    scheduler = make_scheduler(pipe, settings.steps)
-    timestep = scheduler.timesteps[settings.steps // 2]
-    model_input = scheduler.scale_model_input(torch.cat([inputs.latents * scheduler.sigmas[0]] * 2), timestep)
-    kwargs = {"encoder_hidden_states": inputs.prompt_embeds, "added_cond_kwargs": inputs.added_cond_kwargs}
+    model_input, timestep, kwargs = steady_input(pipe, inputs, settings)
     unet.begin_generation(endless_generation())
     layers, handles = _layer_shapes(plain)
+    repeats = settings.overhead_pairs // 2 + 1
     with torch.no_grad():
         plain_out = plain(model_input, timestep, **kwargs, return_dict=False)[0]  # warm-up + shapes
         for handle in handles:
             handle.remove()
-        distri_out = unet(model_input, timestep, **kwargs, return_dict=False)[0]  # warm-up (step 0)
+        unet(model_input, timestep, **kwargs, return_dict=False)  # warm-up (step 0)
         distri_out = unet(model_input, timestep, **kwargs, return_dict=False)[0]  # cached text K/V path
         max_abs_diff = (plain_out - distri_out).abs().max().item()
         meter = ForeignCpu().start()
-        plain_times: list[float] = []
-        distri_times: list[float] = []
-        for pair in range(settings.overhead_pairs):
-            # ABBA order, so a slow drift of the machine's speed does not favour either side.
-            order = ((plain, plain_times), (unet, distri_times))
-            for model, times in order if pair % 2 == 0 else order[::-1]:
-                started = time.perf_counter()
-                model(model_input, timestep, **kwargs, return_dict=False)
-                times.append(time.perf_counter() - started)
+        pairs = abba(
+            settings.overhead_pairs,
+            lambda: step_seconds(lambda: plain(model_input, timestep, **kwargs, return_dict=False), 1)[0],
+            lambda: step_seconds(lambda: unet(model_input, timestep, **kwargs, return_dict=False), 1)[0],
+        )
 
         # The compute a band would cost with no patch machinery and no communication at all: the
         # plain UNet on a latent as tall as the tallest band. Its ratio to the full latent's step
@@ -589,7 +527,7 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
             plain(band_input, timestep, **kwargs, return_dict=False)
             band_times[world] = step_seconds(
                 lambda band_input=band_input: plain(band_input, timestep, **kwargs, return_dict=False),
-                settings.overhead_pairs // 2 + 1,
+                repeats,
             )
 
         # The engine's own band, without communication: a DistriUNet that computes band r of n in
@@ -609,15 +547,14 @@ def run_single_overhead(settings: Settings) -> dict[str, Any]:
             for _ in range(settings.warmup_steps + 2):  # synchronous steps, then the recording step
                 simulated(model_input, timestep, **kwargs, return_dict=False)
             simulated_times[world] = step_seconds(
-                lambda: simulated(model_input, timestep, **kwargs, return_dict=False),
-                settings.overhead_pairs // 2 + 1,
+                lambda: simulated(model_input, timestep, **kwargs, return_dict=False), repeats
             )
         overhead_window = meter.stop()
 
     return {
         "overhead": {
-            "plain_step_seconds": plain_times,
-            "distri_step_seconds": distri_times,
+            "plain_step_seconds": [p for p, _ in pairs],
+            "distri_step_seconds": [d for _, d in pairs],
             "max_abs_diff_plain_vs_distri": max_abs_diff,
             "plain_band_step_seconds": band_times,
             "simulated_engine_band_step_seconds": simulated_times,
@@ -647,11 +584,10 @@ def analytic_bytes(
     Bands are cut evenly at the deepest level (the first ones a row taller when uneven) and scaled by
     2 per level, so a band's rows at level l are its deep rows * 2^(levels-1-l).
     """
-    deep_rows = latent_height // 2 ** (levels - 1)
-    max_deep = math.ceil(deep_rows / bands)
+    tallest = band_rows(latent_height, levels, bands)
 
     def max_rows(level: int) -> int:
-        return max_deep * 2 ** (levels - 1 - level)
+        return tallest >> level
 
     def level_of_tokens(tokens: int) -> int:
         for level in range(levels):
@@ -736,28 +672,6 @@ def summarize(
     return summary
 
 
-def compare_profiles(
-    single: dict[str, tuple[float, int]], multi: dict[str, tuple[float, int]], world: int, top: int = 20
-) -> list[dict[str, Any]]:
-    """Ops by how far their time at ``world`` ranks exceeds 1/world of the 1-rank time."""
-    rows = []
-    for name in set(single) | set(multi):
-        one, one_calls = single.get(name, (0.0, 0))
-        many, many_calls = multi.get(name, (0.0, 0))
-        rows.append(
-            {
-                "op": name,
-                "one_rank_ms": round(one, 2),
-                "one_rank_calls": one_calls,
-                f"{world}_rank_ms": round(many, 2),
-                f"{world}_rank_calls": many_calls,
-                "excess_over_ideal_ms": round(many - one / world, 2),
-            }
-        )
-    rows.sort(key=lambda row: -row["excess_over_ideal_ms"])
-    return rows[:top]
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -776,7 +690,7 @@ def markdown_table(configs: list[dict[str, Any]]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for c in configs:
         ranks = f"{c['ranks']}" + (" (oversubscribed)" if c["oversubscribed"] else "")
-        if _contaminated(c.get("foreign_cpu", {})):
+        if disturbed(c.get("foreign_cpu", {})):
             ranks += (
                 f" (disturbed: other processes {100 * c['foreign_cpu']['foreign_cpu_fraction']:.0f} % CPU)"
             )
@@ -793,6 +707,62 @@ def markdown_table(configs: list[dict[str, Any]]) -> str:
             f"{_fmt(max(gathers) if gathers else None)} | {_fmt(measured, 2)} / {_fmt(analytic, 2)} | "
             f"{max(c['peak_rss_bytes_per_rank']) / MIB:.0f} | {_fmt(c.get('psnr_latents_db'), 1)} | "
             f"{_fmt(c.get('psnr_image_db'), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def speedup_ceilings(
+    settings: Settings, overhead: dict[str, Any], concurrency: dict[str, Any], configs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What limits the speedup before the engine does anything: the band's compute and contention.
+
+    band-only ceiling = plain full step / plain band step (work that does not shrink with the band:
+    time embedding, per-layer Python and dispatch costs, small-tensor inefficiency); contention =
+    plain full step with N concurrent processes / alone. Their product bounds what N ranks can reach.
+    """
+    plain = overhead["plain_step_seconds_median"]
+    rows = []
+    for world in settings.worlds:
+        if world == 1:
+            continue
+        band = overhead["plain_band_step_seconds_median"][world]
+        engine_band = overhead["simulated_engine_band_step_seconds_median"][world]
+        concurrent = slowest_median(concurrency[f"{world}x1_thread"]["step_seconds_per_rank"])
+        contention = concurrent / plain
+        measured = {c["mode"]: c["speedup_vs_1_rank"] for c in configs if c["ranks"] == world}
+        rows.append(
+            {
+                "ranks": world,
+                "plain_full_step_alone_seconds": plain,
+                "plain_full_step_concurrent_seconds": concurrent,
+                "contention_factor": contention,
+                "plain_band_step_seconds": band,
+                "band_only_ceiling": plain / band,
+                "ceiling_with_contention": plain / (band * contention),
+                "engine_band_no_comm_seconds": engine_band,
+                "engine_band_ceiling_with_contention": plain / (engine_band * contention),
+                "measured_speedup_by_mode": measured,
+            }
+        )
+    return rows
+
+
+def ceilings_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| ranks | plain full step alone s | same, N processes at once s | contention | plain band step s | "
+        "ceiling (band only) | ceiling (band x contention) | engine band, no comm s (simulated) | "
+        "ceiling (engine band x contention) | measured corrected_async_gn | measured naive_patch |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        measured = r["measured_speedup_by_mode"]
+        lines.append(
+            f"| {r['ranks']} | {r['plain_full_step_alone_seconds']:.3f} | "
+            f"{r['plain_full_step_concurrent_seconds']:.3f} | {r['contention_factor']:.2f} | "
+            f"{r['plain_band_step_seconds']:.3f} | {r['band_only_ceiling']:.2f} | "
+            f"{r['ceiling_with_contention']:.2f} | {r['engine_band_no_comm_seconds']:.3f} | "
+            f"{r['engine_band_ceiling_with_contention']:.2f} | {_fmt(measured.get('corrected_async_gn'), 2)} | "
+            f"{_fmt(measured.get('naive_patch'), 2)} |"
         )
     return "\n".join(lines)
 
@@ -884,128 +854,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-PHASES: list[dict[str, Any]] = []
-IDLE_WAIT_SECONDS = 0.0
-
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Times a phase and measures CPU used by *other* processes meanwhile (a shared machine is noisy)."""
-    if IDLE_WAIT_SECONDS > 0:
-        wait_idle(IDLE_WAIT_SECONDS)
-    print(f"== {name}", flush=True)
-    # This process and the ranks it spawned and joined meanwhile are ours; the rest is foreign.
-    with ForeignCpu() as meter:
-        yield
-    record: dict[str, Any] = {"phase": name, **meter.record}
-    wall = record["wall_seconds"]
-    PHASES.append(record)
-    note = ""
-    if record.get("foreign_cpu_fraction", 0) > 0.05:
-        note = f" -- WARNING: other processes used {100 * record['foreign_cpu_fraction']:.0f} % of the CPUs"
-    print(f"   done in {wall:.1f} s{note}", flush=True)
-
-
-def _contaminated(window: dict[str, Any]) -> bool:
-    return window.get("foreign_cpu_fraction", 0.0) > FOREIGN_LIMIT
-
-
-CHECKPOINTS: Path | None = None
-"""Where undisturbed measurements are kept, so that --resume can skip them after an interruption."""
-
-
-def _checkpoint(label: str) -> Path | None:
-    if CHECKPOINTS is None:
-        return None
-    return CHECKPOINTS / (hashlib.sha1(label.encode()).hexdigest()[:16] + ".pkl")
-
-
-def run_clean(label: str, run_once: Callable[[], Any], clean: Callable[[Any], bool], retries: int) -> Any:
-    """Runs a measurement, again (up to ``retries`` times) while other processes disturbed it."""
-    checkpoint = _checkpoint(label)
-    if checkpoint is not None and checkpoint.exists():
-        print(f"== {label}: undisturbed result of an earlier run reused ({checkpoint})", flush=True)
-        return pickle.loads(checkpoint.read_bytes())
-    for attempt in range(retries + 1):
-        with phase(label + (f" (retry {attempt})" if attempt else "")):
-            result = run_once()
-        result["attempts"] = attempt + 1
-        if clean(result):
-            if checkpoint is not None:
-                checkpoint.write_bytes(pickle.dumps(result))
-            return result
-        if attempt < retries:
-            print("   other processes used the CPUs meanwhile: retrying", flush=True)
-    result["disturbed"] = True
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    global IDLE_WAIT_SECONDS, CHECKPOINTS
-    args = parse_args(argv)
-    IDLE_WAIT_SECONDS = args.wait_idle
-    settings = make_settings(args)
-    if args.resume:
-        key = hashlib.sha1(repr(dataclasses.asdict(settings)).encode()).hexdigest()[:16]
-        CHECKPOINTS = Path(tempfile.gettempdir()) / f"cpu_patch_parallel-{key}"
-        CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-        print(f"checkpoints: {CHECKPOINTS}")
-    if settings.steps < settings.warmup_steps + 4:
-        print("need at least warmup_steps + 4 steps for a steady-state figure", file=sys.stderr)
-        return 2
-    machine = machine_info()
-    print(f"machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, torch {machine['torch']}")
-    print(
-        f"UNet block_out_channels={settings.block_out_channels} layers={settings.transformer_layers_per_block}, "
-        f"{settings.image_size}x{settings.image_size} image ({settings.latent_size}^2 latent), batch 1 + CFG "
-        f"(UNet batch 2), {settings.steps} Euler steps, warm-up steps 0..{settings.warmup_steps}, "
-        f"steady steps {settings.steady_steps()}",
-        flush=True,
-    )
-    started = time.perf_counter()
-    single = run_clean(
-        "1 rank: reference generation",
-        lambda: spawn_local(run_single_generation, 1, (settings,), threads_per_rank=1),
-        lambda result: not _contaminated(result["foreign_cpu"]),
-        args.retries,
-    )
-    single.update(
-        run_clean(
-            "1 rank: DistriUNet vs plain diffusers UNet, plain band, simulated engine band",
-            lambda: spawn_local(run_single_overhead, 1, (settings,), threads_per_rank=1),
-            lambda result: not _contaminated(result["foreign_cpu"]),
-            args.retries,
-        )
-    )
+def measure_worlds(
+    phases: Phases, settings: Settings, single: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every configuration's figures (the 1-rank reference first) and the profile comparisons."""
     layers = single["layers"]
     levels = len(settings.block_out_channels)
-    repeats = 2 if args.quick else 3
-    concurrency: dict[str, Any] = {
-        "1x2_threads": run_clean(
-            "plain UNet, 1 process with 2 threads",
-            lambda: spawn_local(run_plain_concurrent, 1, (settings, 2, repeats)),
-            lambda result: not _contaminated(result["foreign_cpu"]),
-            args.retries,
-        )
-    }
-    for world in settings.worlds:
-        if world > 1:
-            concurrency[f"{world}x1_thread"] = run_clean(
-                f"plain UNet, {world} concurrent 1-thread processes (no communication)",
-                lambda world=world: spawn_local(
-                    run_plain_concurrent, world, (settings, 1, repeats), threads_per_rank=1
-                ),
-                lambda result: not _contaminated(result["foreign_cpu"]),
-                args.retries,
-            )
-
-    configs: list[dict[str, Any]] = []
     base = summarize(single, settings, 1, None)
     base["mode"] = "(1 rank)"
     base["foreign_cpu"] = single["foreign_cpu"]
     base["analytic"] = analytic_bytes(layers, settings.latent_size, settings.latent_size, levels, 1, "")
     base["speedup_vs_1_rank"] = 1.0
-    configs.append(base)
+    configs = [base]
     profiles: dict[str, Any] = {}
     for world in settings.worlds:
         if world == 1:
@@ -1013,18 +873,16 @@ def main(argv: list[str] | None = None) -> int:
         flag = " -- OVERSUBSCRIBED: more ranks than cores" if world > (os.cpu_count() or 1) else ""
         # One process group per mode: short measurements fit the quiet spells of a shared machine,
         # and a disturbed one is retried alone.
-        runs: dict[str, Any] = {}
-        for mode in settings.modes_by_world[world]:
-            runs[mode] = run_clean(
+        runs = {
+            mode: phases.run_clean(
                 f"{world} ranks, {mode}{flag}",
                 lambda world=world, mode=mode: spawn_local(
                     run_world, world, (settings, world, (mode,)), threads_per_rank=1
                 )[mode],
-                lambda result: not _contaminated(result["foreign_cpu"]),
-                args.retries,
             )
-        for mode in settings.modes_by_world[world]:
-            run = runs[mode]
+            for mode in settings.modes_by_world[world]
+        }
+        for mode, run in runs.items():
             config = summarize(run, settings, world, single)
             config["mode"] = mode
             config["foreign_cpu"] = run["foreign_cpu"]
@@ -1037,50 +895,44 @@ def main(argv: list[str] | None = None) -> int:
                 config["steady_cpu_seconds_per_rank"]
             )
             configs.append(config)
-            print(
+            log(
                 f"   {mode}: steady {config['steady_step_seconds']:.3f} s/step, "
-                f"speedup {config['speedup_vs_1_rank']:.2f}x, PSNR latents {config['psnr_latents_db']:.1f} dB",
-                flush=True,
+                f"speedup {config['speedup_vs_1_rank']:.2f}x, PSNR latents {config['psnr_latents_db']:.1f} dB"
             )
             if run["profile"] and single["profile"]:
                 profiles[f"{world}_ranks_{mode}"] = compare_profiles(single["profile"], run["profile"], world)
+    return configs, profiles
 
+
+def measure_paired(phases: Phases, settings: Settings, rounds: int, steps_per_round: int) -> dict[str, Any]:
+    """The paired speedup of corrected_async_gn at every rank count that fits the cores."""
     paired: dict[str, Any] = {}
-    target_mode = Mode.CORRECTED_ASYNC_GN.value
+    mode = Mode.CORRECTED_ASYNC_GN.value
     for world in settings.worlds:
-        if (
-            1 < world <= (os.cpu_count() or 1)
-            and target_mode in settings.modes_by_world[world]
-            and args.rounds
-        ):
-            paired[f"{world}_ranks_{target_mode}"] = result = run_clean(
-                f"{world} ranks, {target_mode}, paired round by round with 1 rank",
-                lambda world=world: spawn_local(
-                    run_paired_speedup,
-                    world,
-                    (settings, target_mode, args.rounds, args.steps_per_round),
-                    threads_per_rank=1,
-                ),
-                lambda result: not _contaminated(result["foreign_cpu"]),
-                args.retries,
-            )
-            print(
-                f"   paired speedup: median {result['median_ratio']:.2f}x over {args.rounds} rounds "
-                f"(each {min(result['ratios']):.2f}x to {max(result['ratios']):.2f}x)",
-                flush=True,
-            )
+        if not (1 < world <= (os.cpu_count() or 1) and mode in settings.modes_by_world[world] and rounds):
+            continue
+        paired[f"{world}_ranks_{mode}"] = result = phases.run_clean(
+            f"{world} ranks, {mode}, paired round by round with 1 rank",
+            lambda world=world: spawn_local(
+                run_paired_speedup, world, (settings, mode, rounds, steps_per_round), threads_per_rank=1
+            ),
+        )
+        log(
+            f"   paired speedup: median {result['median_ratio']:.2f}x over {rounds} rounds "
+            f"(each {min(result['ratios']):.2f}x to {max(result['ratios']):.2f}x)"
+        )
+    return paired
 
-    overhead = single["overhead"]
-    plain_median = statistics.median(overhead["plain_step_seconds"])
-    distri_median = statistics.median(overhead["distri_step_seconds"])
-    overhead_summary = {
-        "plain_step_seconds_median": plain_median,
-        "distri_1_rank_step_seconds_median": distri_median,
-        "overhead_fraction": distri_median / plain_median - 1,
-        "pair_ratios": [
-            d / p
-            for p, d in zip(overhead["plain_step_seconds"], overhead["distri_step_seconds"], strict=True)
-        ],
+
+def summarize_overhead(overhead: dict[str, Any]) -> dict[str, Any]:
+    """The 1-rank overhead of DistriUNet over the plain UNet, and the band steps' medians."""
+    plain, distri = overhead["plain_step_seconds"], overhead["distri_step_seconds"]
+    paired = paired_ratios(distri, plain)
+    return {
+        "plain_step_seconds_median": statistics.median(plain),
+        "distri_1_rank_step_seconds_median": statistics.median(distri),
+        "overhead_fraction": paired["ratio_of_medians"] - 1,
+        "pair_ratios": paired["ratios"],
         "max_abs_diff_plain_vs_distri": overhead["max_abs_diff_plain_vs_distri"],
         "plain_band_step_seconds_median": {
             world: statistics.median(times) for world, times in overhead["plain_band_step_seconds"].items()
@@ -1091,10 +943,15 @@ def main(argv: list[str] | None = None) -> int:
         },
         "raw": overhead,
     }
-    ceilings = speedup_ceilings(settings, overhead_summary, concurrency, configs)
+
+
+def targets(
+    configs: list[dict[str, Any]], paired: dict[str, Any], overhead: dict[str, Any]
+) -> dict[str, Any]:
+    """The project's targets: 1.8x at 2 ranks (sequential and paired), <= 3 % overhead at 1 rank."""
     corrected_2 = next((c for c in configs if c["ranks"] == 2 and c["mode"] == Mode.CORRECTED_ASYNC_GN), None)
-    paired_2 = paired.get(f"2_ranks_{target_mode}")
-    targets = {
+    paired_2 = paired.get(f"2_ranks_{Mode.CORRECTED_ASYNC_GN.value}")
+    return {
         "speedup_2_ranks_corrected_async_gn": {
             "target": ">= 1.8",
             "measured": corrected_2["speedup_vs_1_rank"] if corrected_2 else None,
@@ -1107,10 +964,63 @@ def main(argv: list[str] | None = None) -> int:
         },
         "overhead_1_rank_vs_plain": {
             "target": "<= 3%",
-            "measured": overhead_summary["overhead_fraction"],
-            "met": overhead_summary["overhead_fraction"] <= 0.03,
+            "measured": overhead["overhead_fraction"],
+            "met": overhead["overhead_fraction"] <= 0.03,
         },
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = make_settings(args)
+    if settings.steps < settings.warmup_steps + 4:
+        print("need at least warmup_steps + 4 steps for a steady-state figure", file=sys.stderr)
+        return 2
+    checkpoints = None
+    if args.resume:
+        checkpoints = checkpoint_folder("cpu_patch_parallel", dataclasses.asdict(settings))
+        log(f"checkpoints: {checkpoints}")
+    phases = Phases(idle_wait=args.wait_idle, retries=args.retries, checkpoints=checkpoints)
+    machine = machine_info()
+    log(f"machine: {machine_line(machine)}; {machine['usable_cpus']} usable CPUs, torch {machine['torch']}")
+    log(
+        f"UNet block_out_channels={settings.block_out_channels} layers={settings.transformer_layers_per_block}, "
+        f"{settings.image_size}x{settings.image_size} image ({settings.latent_size}^2 latent), batch 1 + CFG "
+        f"(UNet batch 2), {settings.steps} Euler steps, warm-up steps 0..{settings.warmup_steps}, "
+        f"steady steps {settings.steady_steps()}"
+    )
+    started = time.perf_counter()
+    single = phases.run_clean(
+        "1 rank: reference generation",
+        lambda: spawn_local(run_single_generation, 1, (settings,), threads_per_rank=1),
+    )
+    single.update(
+        phases.run_clean(
+            "1 rank: DistriUNet vs plain diffusers UNet, plain band, simulated engine band",
+            lambda: spawn_local(run_single_overhead, 1, (settings,), threads_per_rank=1),
+        )
+    )
+    repeats = 2 if args.quick else 3
+    concurrency = {
+        "1x2_threads": phases.run_clean(
+            "plain UNet, 1 process with 2 threads",
+            lambda: spawn_local(run_plain_concurrent, 1, (settings, 2, repeats)),
+        )
+    }
+    for world in settings.worlds:
+        if world > 1:
+            concurrency[f"{world}x1_thread"] = phases.run_clean(
+                f"plain UNet, {world} concurrent 1-thread processes (no communication)",
+                lambda world=world: spawn_local(
+                    run_plain_concurrent, world, (settings, 1, repeats), threads_per_rank=1
+                ),
+            )
+    configs, profiles = measure_worlds(phases, settings, single)
+    paired = measure_paired(phases, settings, args.rounds, args.steps_per_round)
+
+    overhead = summarize_overhead(single["overhead"])
+    ceilings = speedup_ceilings(settings, overhead, concurrency, configs)
+    goals = targets(configs, paired, overhead)
     table = markdown_table(configs)
     report = {
         "benchmark": "cpu_patch_parallel",
@@ -1132,14 +1042,14 @@ def main(argv: list[str] | None = None) -> int:
             "the VAE output moves.",
         },
         "analytic_formula": ANALYTIC_FORMULA,
-        "targets": targets,
-        "overhead_1_rank": overhead_summary,
+        "targets": goals,
+        "overhead_1_rank": overhead,
         "configurations": configs,
         "speedup_ceilings": ceilings,
         "paired_speedup": paired,
         "plain_concurrency": concurrency,
         "profile_excess_ops": profiles,
-        "phases": PHASES,
+        "phases": phases.records,
         "total_seconds": time.perf_counter() - started,
         "table_markdown": table,
     }
@@ -1148,14 +1058,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print(
-        f"overhead at 1 rank: plain {plain_median:.3f} s/step, DistriUNet {distri_median:.3f} s/step "
-        f"({100 * overhead_summary['overhead_fraction']:+.1f} %; target <= 3 %), max |diff| "
+        f"overhead at 1 rank: plain {overhead['plain_step_seconds_median']:.3f} s/step, DistriUNet "
+        f"{overhead['distri_1_rank_step_seconds_median']:.3f} s/step "
+        f"({100 * overhead['overhead_fraction']:+.1f} %; target <= 3 %), max |diff| "
         f"{overhead['max_abs_diff_plain_vs_distri']:.2e}; plain UNet in one process with 2 threads: "
-        f"{_median_of_ranks(concurrency['1x2_threads']):.3f} s/step"
+        f"{slowest_median(concurrency['1x2_threads']['step_seconds_per_rank']):.3f} s/step"
     )
     print()
     print(ceilings_table(ceilings))
-    for name, target in targets.items():
+    for name, target in goals.items():
         print(f"target {name}: {target['target']}, measured {target['measured']}, met: {target['met']}")
     for name, rows in profiles.items():
         print(f"\nprofiled steady step, {name}: ops whose time exceeds 1/ranks of the 1-rank step most")
@@ -1164,67 +1075,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nanalytic count: {ANALYTIC_FORMULA}")
     print(f"wrote {args.output} ({report['total_seconds']:.0f} s in all)")
     return 0
-
-
-def _median_of_ranks(run: dict[str, Any]) -> float:
-    """The slowest rank's median step of a run_plain_concurrent result."""
-    return max(statistics.median(times) for times in run["step_seconds_per_rank"])
-
-
-def speedup_ceilings(
-    settings: Settings, overhead: dict[str, Any], concurrency: dict[str, Any], configs: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """What limits the speedup before the engine does anything: the band's compute and contention.
-
-    band-only ceiling = plain full step / plain band step (work that does not shrink with the band:
-    time embedding, per-layer Python and dispatch costs, small-tensor inefficiency); contention =
-    plain full step with N concurrent processes / alone. Their product bounds what N ranks can reach.
-    """
-    plain = overhead["plain_step_seconds_median"]
-    rows = []
-    for world in settings.worlds:
-        if world == 1:
-            continue
-        band = overhead["plain_band_step_seconds_median"][world]
-        engine_band = overhead["simulated_engine_band_step_seconds_median"][world]
-        concurrent = _median_of_ranks(concurrency[f"{world}x1_thread"])
-        contention = concurrent / plain
-        measured = {c["mode"]: c["speedup_vs_1_rank"] for c in configs if c["ranks"] == world}
-        rows.append(
-            {
-                "ranks": world,
-                "plain_full_step_alone_seconds": plain,
-                "plain_full_step_concurrent_seconds": concurrent,
-                "contention_factor": contention,
-                "plain_band_step_seconds": band,
-                "band_only_ceiling": plain / band,
-                "ceiling_with_contention": plain / (band * contention),
-                "engine_band_no_comm_seconds": engine_band,
-                "engine_band_ceiling_with_contention": plain / (engine_band * contention),
-                "measured_speedup_by_mode": measured,
-            }
-        )
-    return rows
-
-
-def ceilings_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| ranks | plain full step alone s | same, N processes at once s | contention | plain band step s | "
-        "ceiling (band only) | ceiling (band x contention) | engine band, no comm s (simulated) | "
-        "ceiling (engine band x contention) | measured corrected_async_gn | measured naive_patch |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        measured = r["measured_speedup_by_mode"]
-        lines.append(
-            f"| {r['ranks']} | {r['plain_full_step_alone_seconds']:.3f} | "
-            f"{r['plain_full_step_concurrent_seconds']:.3f} | {r['contention_factor']:.2f} | "
-            f"{r['plain_band_step_seconds']:.3f} | {r['band_only_ceiling']:.2f} | "
-            f"{r['ceiling_with_contention']:.2f} | {r['engine_band_no_comm_seconds']:.3f} | "
-            f"{r['engine_band_ceiling_with_contention']:.2f} | {_fmt(measured.get('corrected_async_gn'), 2)} | "
-            f"{_fmt(measured.get('naive_patch'), 2)} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
