@@ -42,7 +42,7 @@ def cpu_repository() -> Path:
 
 
 def ensure_cpu_repository() -> Path:
-    """build/model_repository_cpu (and .cache/tiny-sdxl), built by scripts/cpu_repository.sh if missing."""
+    """build/model_repository_cpu (of the demo model), built by scripts/cpu_repository.sh if missing or stale."""
     root = checkout_root()
     subprocess.run([str(root / "scripts" / "cpu_repository.sh")], check=True, cwd=root)
     return cpu_repository()
@@ -193,7 +193,12 @@ def scrape_metrics(url: str) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
+def metric_samples(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> list[float]:
+    """``name``'s samples that carry ``labels`` (empty when no such series is exported)."""
+    wanted = set(labels.items())
+    return [value for (metric, found), value in samples.items() if metric == name and wanted <= found]
+
+
 def metric_total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
     """The sum of ``name``'s samples that carry ``labels``."""
-    wanted = set(labels.items())
-    return sum(value for (metric, found), value in samples.items() if metric == name and wanted <= found)
+    return sum(metric_samples(samples, name, **labels))
