@@ -35,6 +35,7 @@ from benchmarks.serving_common import (
 )
 from build_engines.repository import parse_config
 from clients.sdxl_client import QUEUE_FULL, build_inputs
+from demo_model import SHIPPED
 from distrifusion.serving.cpu_server import (
     CpuServer,
     ensure_cpu_repository,
@@ -51,7 +52,7 @@ SDXL_CONDITIONING_MB = 2 * 77 * (768 + 1280) * 4 / 1e6
 
 def unbounded_repository(output: Path) -> Path:
     """The CPU repository's build (scripts/cpu_repository.sh's flags) with no practical queue bound."""
-    command = [sys.executable, "-m", "build_engines", "--model", str(ROOT / ".cache" / "tiny-sdxl"),
+    command = [sys.executable, "-m", "build_engines", "--model", str(SHIPPED),
                "--output", str(output), "--target", "cpu", "--unet-ranks", "2",
                "--max-resolution", "4096x4096", "--warmup-resolutions", "512x512",
                "--vae-tile-above", "1024x1024", "--vae-tile", "512",

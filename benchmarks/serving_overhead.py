@@ -4,7 +4,7 @@ versus in-process with the engine (DistriPipeline, same configuration), same mac
     python benchmarks/serving_overhead.py [--size 512] [--steps 12] [--repetitions 5] [--rounds 2]
 
 Engine: 2 gloo ranks via distrifusion.launch.spawn_local (1 thread each, as the served UNet),
-corrected_async_gn, warmup_steps 4, fp32, the model in .cache/tiny-sdxl; text encoders, UNet and
+corrected_async_gn, warmup_steps 4, fp32, the shipped demo model (demo_model/sdxl-shapes); text encoders, UNet and
 VAE in PyTorch; timed around the pipeline call on rank 0 (the model loaded, one untimed call first).
 Served: the CPU repository built from the same model (UNet the same engine on 2 gloo ranks; text
 encoders and VAE exported to ONNX, run by ONNX Runtime); timed around the gRPC call at the client
@@ -30,14 +30,15 @@ import torch.distributed as dist
 import tritonclient.grpc as grpcclient
 
 from benchmarks.harness import log, machine_line, start_conditions, wait_idle, write_json
-from benchmarks.serving_common import BENCHMARKS_MD, ROOT, SERVING_RESULTS, update_benchmarks_section
+from benchmarks.serving_common import BENCHMARKS_MD, SERVING_RESULTS, update_benchmarks_section
 from clients.sdxl_client import generate
+from demo_model import SHIPPED
 from distrifusion.config import DistriConfig
 from distrifusion.launch import spawn_local
 from distrifusion.pipeline import DistriPipeline
 from distrifusion.serving.cpu_server import CpuServer, ensure_cpu_repository
 
-MODEL_DIR = ROOT / ".cache" / "tiny-sdxl"
+MODEL_DIR = SHIPPED
 PROMPT = "a lighthouse on a cliff at dawn, watercolor"
 NEGATIVE = "blurry"
 TARGET = 1.10

@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.harness import log, machine_line, publish, start_conditions
 from benchmarks.serving_common import BENCHMARKS_MD
+from demo_model import SHIPPED
 from distrifusion.vae.decode import ENGINES, TILE_ENGINE, TILE_STATISTICS_ENGINE, WHOLE_ENGINE
 from distrifusion.vae.footprint import LIVE_ACTIVATIONS, DecoderFootprint
 
@@ -124,7 +125,7 @@ def export_sdxl(folder: Path) -> tuple[dict[str, Path], dict[str, Any]]:
 
 
 def run(models: list[str], repository: Path | None) -> dict[str, Any]:
-    from distrifusion.serving.cpu_server import checkout_root, ensure_cpu_repository
+    from distrifusion.serving.cpu_server import ensure_cpu_repository
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="vae-memory-") as tmp:
@@ -132,9 +133,7 @@ def run(models: list[str], repository: Path | None) -> dict[str, Any]:
             if model == "tiny":
                 repository = repository or ensure_cpu_repository()
                 paths = {name: repository / name / "1" / "model.onnx" for name in ENGINES}
-                config = json.loads(
-                    (checkout_root() / ".cache" / "tiny-sdxl" / "vae" / "config.json").read_text()
-                )
+                config = json.loads((SHIPPED / "vae" / "config.json").read_text())
             else:
                 log("exporting the SDXL VAE's graphs (random weights) ...")
                 paths, config = export_sdxl(Path(tmp))

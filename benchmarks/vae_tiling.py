@@ -4,9 +4,10 @@ contrast across tile borders over the whole decode's at the same borders; 1 is s
 
     python benchmarks/vae_tiling.py
 
-The tiny model's VAE (random weights; the VAE engines of the CPU repository, ONNX Runtime) on two
-latents: random normal, and the encoder's latents of a synthetic picture of gradients, edges and
-a checkerboard. 1024 x 1024: the whole decode through the whole-latent engine; 2048 x 2048: through
+The demo model's VAE (trained: demo_model/; the VAE engines of the CPU repository, ONNX Runtime)
+on real decodes: the latents the demo model draws for a held-out prompt (1024 x 1024), and the
+encoder's latents of a rendered scene and of a synthetic picture of gradients, edges and a
+checkerboard. 1024 x 1024: the whole decode through the whole-latent engine; 2048 x 2048: through
 diffusers' own decode (PyTorch's attention is memory-efficient; ONNX Runtime's would need 17 GiB).
 Writes benchmarks/results/vae_tiling.json and its table to BENCHMARKS.md ("VAE tiling").
 """
@@ -20,13 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from PIL import Image
 
 from benchmarks.harness import log, machine_line, publish, start_conditions
+from benchmarks.prompt_following import held_out_scenes
 from benchmarks.serving_common import BENCHMARKS_MD
+from demo_model import SHIPPED
+from demo_model.scenes import render
 from distrifusion.export.onnx_export import ort_session
-from distrifusion.serving.cpu_server import checkout_root, ensure_cpu_repository
+from distrifusion.serving.cpu_server import ensure_cpu_repository
 from distrifusion.vae.decode import ENGINE_OUTPUTS, WHOLE_ENGINE, DecodeSettings, VaeDecoder
 from distrifusion.vae.quality import (
     diffusers_tile_borders,
@@ -49,6 +55,22 @@ def onnx_engines(repository: Path):
         return torch.from_numpy(sessions[model].run([ENGINE_OUTPUTS[model]], feeds)[0])
 
     return run
+
+
+def encoded(vae: AutoencoderKL, image: Image.Image) -> torch.Tensor:
+    """``[C, h, w]`` latents of ``image``, scaled as a pipeline's."""
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
+
+
+def generated_latents(prompt: str, size: int) -> torch.Tensor:
+    """``[C, h, w]`` latents the demo model draws for ``prompt`` (diffusers' pipeline, 1 process)."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(SHIPPED, dtype=torch.float32, local_files_only=True)
+    with torch.no_grad():
+        latents = pipe(prompt=prompt, height=size, width=size, num_inference_steps=20, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+    return latents[0]
 
 
 def compare(
@@ -82,15 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     conditions = start_conditions()
     repository = ensure_cpu_repository()
-    vae = AutoencoderKL.from_pretrained(checkout_root() / ".cache" / "tiny-sdxl" / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", dtype=torch.float32).eval()
+    scene = held_out_scenes(1)[0][1]
     run = onnx_engines(repository)
     results = []
     for size, reference, tiles, shares in ((1024, "whole-latent engine (ONNX Runtime)", (512,), SHARES),
                                            (2048, "diffusers' decode (PyTorch)", (1024,), (0.75,))):  # fmt: skip
         latent_sets = {
-            "random normal": torch.randn(4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)),
+            "encoded scene": encoded(vae, render(scene, size, size)),
             "encoded picture": structured_latents(vae, size),
         }
+        if size == 1024:
+            latent_sets = {"generated": generated_latents(scene.caption, size), **latent_sets}
         for name, latents in latent_sets.items():
             log(f"{size}x{size}, {name} ...")
             if size == 1024:
@@ -113,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Measured {report['date']} on {report['machine']} ({report['conditions']}). The tiny model's VAE "
-        "(random weights) on the same latents, tiles with a quarter overlap. PSNR against the whole decode; "
+        f"Measured {report['date']} on {report['machine']} ({report['conditions']}). The demo model's trained "
+        "VAE on the same latents (generated: what the model drew for a held-out prompt; encoded: a rendered scene "
+        "and a synthetic picture through its encoder), tiles with a quarter overlap. PSNR against the whole decode; "
         "seam score: the contrast across the method's own tile borders over the whole decode's at the same "
         "borders (1: seamless; above 1: seams; below 1: borders smoother than the picture).",
         "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, build the small random-weight SDXL model and its CPU model repository,
-# start tritonserver, generate one 512x512 image through the `sdxl` ensemble with the gRPC client,
-# print where it is, and stop the server.
+# The main job: set up, build the CPU model repository of the shipped demo model
+# (demo_model/sdxl-shapes), start tritonserver, generate one 256x256 image (the model's trained
+# size) through the `sdxl` ensemble with the gRPC client, print where it is, and stop the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/cpu_repository.sh
@@ -27,8 +27,8 @@ for _ in $(seq 1 300); do
 done
 curl -sf "localhost:${HTTP_PORT:-8000}/v2/health/ready" >/dev/null || { echo "[demo] server not ready; see $log" >&2; exit 1; }
 
-echo "[demo] generating through the sdxl ensemble (2 UNet ranks, corrected_async_gn, 12 steps)"
+echo "[demo] generating through the sdxl ensemble (2 UNet ranks, corrected_async_gn, 20 steps)"
 .venv/bin/python clients/sdxl_client.py --protocol grpc --url "localhost:${GRPC_PORT:-8001}" \
-  --prompt "a lighthouse on a cliff at dawn, watercolor" --negative-prompt "blurry" \
-  --height 512 --width 512 --steps 12 --seed 42 --output-dir outputs/demo
+  --prompt "a red circle and a small yellow triangle on a blue background" \
+  --height 256 --width 256 --steps 20 --seed 42 --output-dir outputs/demo
 echo "[demo] image: $(pwd)/outputs/demo/image_0_seed42.png"

@@ -1,4 +1,4 @@
-"""The whole ensemble at size, over gRPC on the CPU server (the tiny model, 2 UNet ranks): the CPU
+"""The whole ensemble at size, over gRPC on the CPU server (the demo model, 2 UNet ranks): the CPU
 repository (scripts/cpu_repository.sh) decodes images of more than 1024 x 1024 pixels in tiles
 (--vae-tile-above), so both requests here take the tiled path, and the client writes them."""
 
@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from distrifusion.serving.cpu_server import CpuServer, metric_total, scrape_metrics, shared_cpu_server
+from distrifusion.geometry import ModelGeometry
+from distrifusion.serving.cpu_server import (
+    CpuServer,
+    cpu_repository,
+    metric_total,
+    scrape_metrics,
+    shared_cpu_server,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -48,7 +56,8 @@ def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
 
 def test_a_request_naming_only_a_prompt_and_a_seed_gets_the_native_size(server, tmp_path) -> None:
     """The repository accepts up to 4096 x 4096; a request that names no size gets the model's
-    native size (1024 x 1024 for this model, as for SDXL) and its default 30 steps, not the largest
+    native size (its UNet's sample size: 256 x 256 for the demo model, 1024 x 1024 for SDXL) and its
+    default 30 steps, not the largest
     size (a 3072 x 3072 default failed its first request after 100 s at the step deadline's floor)."""
     command = [sys.executable, "-m", "clients.sdxl_client", "--url", server.grpc, "--prompt", "a red fox",
                "--seed", "4", "--output-dir", str(tmp_path)]  # fmt: skip
@@ -56,4 +65,6 @@ def test_a_request_naming_only_a_prompt_and_a_seed_gets_the_native_size(server, 
     assert done.returncode == 0, done.stderr
     (path,) = json.loads(done.stdout)["images"]
     with Image.open(path) as image:
-        assert image.size == (1024, 1024)
+        model = Path(json.loads((cpu_repository() / "build_manifest.json").read_text())["model"])
+        native = ModelGeometry.read(model)
+        assert image.size == (native.default_size, native.default_size)
