@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm import tqdm
 
-from distrifusion.tiny_model import SDXL_SCHEDULER_CONFIG, build_tiny_sdxl
+from distrifusion.tiny_model import build_tiny_sdxl
 
 from . import checkpoint
 from .scenes import random_scene, render
@@ -188,14 +188,8 @@ def train_unet(
     ids, ids_2 = token_ids(pipe, scenes)
     parameters = [p for module in trained.values() for p in module.parameters()]
     unet = pipe.unet
-    noise_schedule = DDPMScheduler(
-        **{
-            k: SDXL_SCHEDULER_CONFIG[k]
-            for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
-        },
-        rescale_betas_zero_snr=True,
-        prediction_type="v_prediction",
-    )
+    # The pipeline's own schedule (betas, rescaling, prediction type), as a training noiser.
+    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.03
