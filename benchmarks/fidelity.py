@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--benchmarks-md", default=str(BENCHMARKS_MD), help="'' to skip")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the published rows of the sizes not run now (same steps and seed)")  # fmt: skip
     args = parser.parse_args(argv)
     conditions = start_conditions()
     started = time.monotonic()
@@ -128,9 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "machine": machine_line(), "conditions": conditions,
               "steps": args.steps, "seed": args.seed, "minutes": (time.monotonic() - started) / 60,
               "prompts": [s.caption for s in scenes], "results": results}  # fmt: skip
-    picture_grid(figure_rows, FIGURE)
+    if args.merge:
+        report = merged(json.loads(RESULTS.read_text()), report)
+    if min(row["size"] for row in report["results"]) == args.sizes[0]:
+        picture_grid(figure_rows, FIGURE)
     publish(RESULTS, report, markdown(report), args.benchmarks_md, HEADING)
     return 0
+
+
+def merged(published: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s rows with ``published``'s rows of the other sizes, which must share steps and seed."""
+    for key in ("steps", "seed"):
+        if published[key] != new[key]:
+            raise SystemExit(f"--merge: the published run used {key}={published[key]}, this one {new[key]}")
+    sizes = {row["size"] for row in new["results"]}
+    kept = [row for row in published["results"] if row["size"] not in sizes]
+    prompts = max(published["prompts"], new["prompts"], key=len)
+    return {**new, "minutes": published["minutes"] + new["minutes"], "prompts": prompts,
+            "results": sorted(kept + new["results"], key=lambda row: row["size"])}  # fmt: skip
 
 
 def picture_grid(rows: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
