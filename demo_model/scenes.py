@@ -32,6 +32,7 @@ MAX_OBJECTS = 3
 GRADIENT_SHARE = 0.3
 MIN_CONTRAST = 100.0  # RGB distance between an object and the background behind it
 _MARGIN = 0.03  # free space between objects and to the border, as a fraction of the shorter side
+_PALETTE_ARRAY = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 _SUPERSAMPLE = 4  # drawn this many times larger, then box-filtered: antialiased edges
 
 
@@ -79,7 +80,8 @@ def random_scene(seed: int) -> Scene:
             size = rng.choice(("small", "large"))
             half = HALF_EXTENT[size] + _MARGIN
             x, y = rng.uniform(half, 1 - half), rng.uniform(half, 1 - half)
-            visible = [c for c in COLOURS if _contrast(c, background, y, HALF_EXTENT[size]) >= MIN_CONTRAST]
+            contrast = _contrast(background, y, HALF_EXTENT[size])
+            visible = [c for c, value in zip(COLOURS, contrast, strict=True) if value >= MIN_CONTRAST]
             if not visible:
                 break
             objects.append(SceneObject(rng.choice(SHAPES), rng.choice(visible), size, x, y))
@@ -87,13 +89,13 @@ def random_scene(seed: int) -> Scene:
             return Scene(background=background, objects=tuple(objects))
 
 
-def _contrast(colour: str, background: tuple[str, ...], y: float, half: float) -> float:
-    """Least RGB distance between ``colour`` and the background over the rows an object centred at
-    ``y`` covers (at most ``half`` of the height either side, whatever the aspect ratio)."""
+def _contrast(background: tuple[str, ...], y: float, half: float) -> np.ndarray:
+    """Per colour of ``COLOURS``: its least RGB distance to the background over the rows an object
+    centred at ``y`` covers (at most ``half`` of the height either side, whatever the aspect ratio)."""
     top, bottom = (np.array(PALETTE[c], dtype=np.float32) for c in (background[0], background[-1]))
     weights = np.clip(np.linspace(y - half, y + half, 9), 0.0, 1.0)[:, None]
     rows = top * (1 - weights) + bottom * weights
-    return float(np.linalg.norm(rows - np.array(PALETTE[colour], dtype=np.float32), axis=-1).min())
+    return np.linalg.norm(rows[None] - _PALETTE_ARRAY[:, None], axis=-1).min(axis=1)
 
 
 def _apart(objects: list[SceneObject]) -> bool:
