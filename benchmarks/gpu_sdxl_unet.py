@@ -298,6 +298,7 @@ def steady_band(unet: DistriUNet, inputs: dict[str, Any], args: Args, world: int
     stats = dataclasses.asdict(record.communication)
     reset_peak_memory(args.device)
     timing = median_seconds(timer, step, args.warmup_iters, args.iters)
+    timed = unet.steps[-args.iters :]
     latent = inputs["sample"].shape[-1]
     layout = BandLayout.split(latent, latent, world, len(args.unet_config["block_out_channels"]))
     # The output gather: every rank's band of the noise prediction, padded to the tallest band.
@@ -314,6 +315,11 @@ def steady_band(unet: DistriUNet, inputs: dict[str, Any], args: Args, world: int
         "band_rows": layout.band_height(rank),
         "compute": timing,
         "steady_stats_per_step": stats,
+        # A compiled band compiles on its first step and replays while timed; a recompile (a new
+        # graph) inside the timed steps would put a compile into the figure.
+        "ran_compiled": all(r.compiled for r in timed),
+        "graphs_compiled": sum(r.new_graphs for r in unet.steps),
+        "graphs_compiled_while_timed": sum(r.new_graphs for r in timed),
         "output_gather_bytes_sent": out_sent,
         "output_gather_bytes_received": out_sent * (world - 1),
         "peak_memory_gib": peak_memory_gib(args.device),

@@ -1,5 +1,6 @@
 """The GPU benchmark's code path, run on the CPU with a tiny UNet (--dry-run): it must finish and
-report every configuration it measures, with the engine's byte counts of the simulated bands."""
+report every configuration it can measure without CUDA, with the engine's byte counts of the
+simulated bands equal to a count from the layer shapes."""
 
 from __future__ import annotations
 
@@ -15,26 +16,50 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def analytic_bytes_sent(resolution: int, bands: list[int]) -> dict[int, dict[str, int]]:
+    """What one rank of the GPU benchmark's tiny UNet sends per steady step, counted from its layer
+    shapes alone (benchmarks/analytic_bytes.py), not by the engine."""
+    from benchmarks.analytic_bytes import analytic_bytes, layer_shapes
+    from benchmarks.gpu_sdxl_unet import TINY_UNET_CONFIG, build_unet, call_unet, make_inputs
+
+    unet = build_unet(TINY_UNET_CONFIG, torch.device("cpu"), torch.float32, 0)
+    layers, handles = layer_shapes(unet)
+    call_unet(unet, make_inputs(TINY_UNET_CONFIG, resolution, torch.device("cpu"), torch.float32, 0))
+    for handle in handles:
+        handle.remove()
+    latent, levels = resolution // 8, len(TINY_UNET_CONFIG["block_out_channels"])
+    return {n: analytic_bytes(layers, latent, latent, levels, n, "corrected_async_gn") for n in bands}
+
+
 def test_gpu_benchmark_dry_run_reports_every_configuration(tmp_path: Path) -> None:
+    """Eager and compiled (the ``eager`` dynamo backend: the capture, not a code generator), with
+    the engine's byte counts equal to the count from the layer shapes. CUDA graphs need CUDA: the
+    report must say they were not measured (tests/gpu and scripts/gpu_check.sh run them)."""
     output = tmp_path / "gpu.json"
     script = ROOT / "benchmarks" / "gpu_sdxl_unet.py"
     subprocess.run(
-        [sys.executable, str(script), "--dry-run", "--output", str(output)], check=True, timeout=300
-    )
+        [sys.executable, str(script), "--dry-run", "--bands", "2", "8", "--compile", "eager", "--output", str(output)],
+        check=True, timeout=600,
+    )  # fmt: skip
     report = json.loads(output.read_text())
-    (entry,) = report["results"]["resolutions"].values()
-    assert entry["plain"]["median_s"] > 0 and entry["distri_1_rank_eager"]["median_s"] > 0
-    assert sorted(entry["simulated_bands_eager"], key=int) == ["2", "4", "8"]
-    received = []
-    for world, band in entry["simulated_bands_eager"].items():
-        stats = band["steady_stats_per_step"]
-        # A rank receives what every other rank sends: (world - 1) times its own.
-        assert stats["bytes_received"] == (int(world) - 1) * stats["bytes_sent"] > 0
-        assert band["compute"]["median_s"] > 0
-        received.append(stats["bytes_received"])
-    assert received == sorted(received)  # more bands, more bytes received per rank
-    assert report["results"]["cuda_graphs"]["supported"] is False  # no CUDA here, and it says so
-    assert report["results"]["skipped"] == []
+    results = report["results"]
+    ((resolution, entry),) = results["resolutions"].items()
+    assert report["settings"]["mode"] == "corrected_async_gn"
+    expected = analytic_bytes_sent(int(resolution), [2, 8])
+    for key in ("plain", "distri_1_rank_eager", "plain_compiled"):
+        assert entry[key]["median_s"] > 0, key
+    for key, compiled in (("simulated_bands_eager", False), ("simulated_bands_compiled", True)):
+        assert sorted(entry[key], key=int) == ["2", "8"], key
+        for world, band in entry[key].items():
+            counted = expected[int(world)]
+            assert band["steady_stats_per_step"]["bytes_sent"] == counted["total_bytes"] > 0, (key, world)
+            assert band["output_gather_bytes_sent"] == counted["out_bytes"], (key, world)
+            assert band["compute"]["median_s"] > 0
+            assert band["ran_compiled"] is compiled, (key, world)
+            assert (band["graphs_compiled"] >= 1) is compiled and band["graphs_compiled_while_timed"] == 0
+    assert "error" not in results["compiled"], results["compiled"]
+    assert results["cuda_graphs"]["supported"] is False and "distri_1_rank_cuda_graphs" not in entry
+    assert results["skipped"] == []
 
 
 def test_layers_write_their_fresh_data_straight_into_the_send_buffers(
