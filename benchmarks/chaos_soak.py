@@ -131,6 +131,7 @@ def chaos_soak(
             o for o in outcomes if o["kind"] != "succeeded" and kill["at"] <= o["ended"] < kill["at"] + 60
         ]
         kill["failed"] = len(window)
+        kill["errors"] = [o["error"] for o in window][:5]
         kill["failed_within_s"] = max((o["ended"] - kill["at"] for o in window), default=None)
     counts = {kind: sum(o["kind"] == kind for o in outcomes) for kind in ("succeeded", "documented", "other")}
     recovery = [k["served_again_after_s"] for k in kills if k.get("served_again_after_s") is not None]

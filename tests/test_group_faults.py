@@ -285,13 +285,19 @@ def test_the_watchdog_outlives_its_own_errors(group, request_of, events, monkeyp
     assert watchdog.is_alive()
 
 
-def test_repeated_failed_rebuilds_give_up(group, request_of, faults) -> None:
+def test_repeated_failed_rebuilds_give_up(group, request_of, faults, events) -> None:
+    """Both failed rebuilds are the injected start failure, and the give-up names the kill that
+    started them: not some other fault that happened to come along."""
     faults.write_text(json.dumps({"fail_start": [1]}))
+    seen = len(events)
     (pid,) = group.worker_pids
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while group.state == SERVING and time.monotonic() < deadline:
         time.sleep(0.05)
     assert group.wait_serving(timeout=60) == GAVE_UP
-    with pytest.raises(GroupUnavailable, match="gave up after 2 failed rebuilds"):
+    failed = [str(details["error"]) for _, kind, details in events[seen:] if kind == "rebuild_failed"]
+    assert len(failed) == 2 and all("injected fault: rank 1 fails to start" in e for e in failed), failed
+    with pytest.raises(GroupUnavailable, match="gave up after 2 failed rebuilds") as raised:
         group.denoise(request_of())
+    assert "last fault: rank 1 (cpu) was killed by SIGKILL" in str(raised.value), raised.value

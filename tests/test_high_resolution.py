@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,8 +21,13 @@ from distrifusion.serving.cpu_server import (
     scrape_metrics,
     shared_cpu_server,
 )
+from distrifusion.vae.decode import DecodeSettings
+from distrifusion.vae.quality import border_contrast, tile_borders
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+MIN_PIXEL_STD = 8.0
+MAX_BORDER_CONTRAST = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,15 @@ def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
     (path,) = json.loads(done.stdout)["images"]
     with Image.open(path) as image:
         assert (image.size, image.mode) == ((width, height), "RGB")
+        pixels = np.asarray(image)
+    # A picture, not a black or flat one, with no step where the tiles meet (the steps between
+    # neighbouring pixels there as large as elsewhere; a tile misplaced or unblended is many times).
+    assert pixels.std() > MIN_PIXEL_STD and 16 < pixels.mean() < 240, (pixels.mean(), pixels.std())
+    plan = DecodeSettings.load(cpu_repository() / "vae_decoder" / "1").plan(height // 8, width // 8)
+    seams = border_contrast(pixels, tile_borders([r * plan.scale for r in plan.rows], plan.tile_height * plan.scale),
+                            tile_borders([c * plan.scale for c in plan.columns], plan.tile_width * plan.scale))  # fmt: skip
+    print(f"{width}x{height}: mean {pixels.mean():.1f}, std {pixels.std():.1f}, border contrast {seams:.2f}")
+    assert len(plan) > 1 and seams < MAX_BORDER_CONTRAST, seams
     after = scrape_metrics(server.metrics)
 
     def added(path: str) -> float:

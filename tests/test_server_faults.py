@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,9 @@ SMALL = {"height": 128, "width": 128, "num_inference_steps": 4}
 LONG = {"height": 256, "width": 256, "num_inference_steps": 300}
 FAULT_FLAGS = ["--step-deadline-s", "3", "--max-rebuilds", "2", "--collective-timeout-s", "60",
                "--warmup-resolutions", "256x256", "--max-resolution", "512x512"]  # fmt: skip
+# Seconds from a stub's SIGKILL to a served request: Triton restarts the stub, which loads its model
+# (the UNet stub also starts its ranks and warms up 256x256).
+RECOVERY_BOUND_S = {"unet": 60.0, "vae_decoder": 30.0}
 
 
 def build(tiny_sdxl_dir: Path, output: Path, ranks: int) -> Path:
@@ -231,10 +235,10 @@ def test_a_killed_stub_is_replaced_and_the_stage_serves_again(server, model) -> 
     stub = server.stub(model)
     workers = server.unet_workers() if model == "unet" else []
     os.kill(stub, signal.SIGKILL)
-    serving_after = server.wait_serving(seconds=90)
-    if model == "vae_decoder":
-        assert serving_after <= 30, f"serving again after {serving_after:.1f} s"
     assert still_running_after(workers, seconds=5) == set(), "a killed stub's ranks exit within 5 s"
+    serving_after = server.wait_serving(seconds=90)
+    print(f"{model}: serving again {serving_after:.1f} s after the stub was killed")
+    assert serving_after <= RECOVERY_BOUND_S[model], f"serving again after {serving_after:.1f} s"
     assert server.stub(model) != stub
     changes = readiness.stop_when_ready(15)
     assert any(code != 200 for _, code in changes) and changes[-1][1] == 200, changes
@@ -249,6 +253,10 @@ def test_fifty_seconds_of_load_with_a_worker_killed(server) -> None:
     assert report["other"] == 0, report["other_errors"]
     assert report["sent"] == report["succeeded"] + report["documented"] and report["succeeded"] > 0
     (kill,) = report["kills"]
+    # The kill failed the requests in flight, with the documented error naming it (the UNet is never
+    # idle at concurrency 4); a kill that failed nothing would not test the accounting above.
+    assert kill["failed"] >= 1 and report["documented"] >= 1, kill
+    assert any("was killed by SIGKILL" in error for error in kill["errors"]), kill["errors"]
     assert kill["not_ready_after_s"] < 5 and kill["ready_again_after_s"] <= 30, kill
     assert kill["served_again_after_s"] is not None and kill["served_again_after_s"] <= 30, kill
 
@@ -268,9 +276,17 @@ def test_repeated_failed_rebuilds_leave_the_server_not_ready_and_the_probe_faili
             break
         time.sleep(1)
     assert failed is not None and failed.returncode == 1 and "gave up" in failed.stderr, failed
+    # Both rebuilds failed as injected, not for some other reason, and the give-up names the kill.
+    log = server.log_tail(200_000)
+    for attempt in (1, 2):
+        failure = (
+            rf"UNet group rebuild failed \({attempt} of 2 allowed [^\n]*injected fault: rank 1 fails to start"
+        )
+        assert re.search(failure, log), log[-4000:]
     assert server.readiness() != 200
-    with pytest.raises(InferenceServerException, match="gave up"):
+    with pytest.raises(InferenceServerException, match="gave up") as raised:
         generate(server.grpc, prompts=["a red fox"], seeds=[1], **SMALL)
+    assert "last fault: rank 1 (cpu) was killed by SIGKILL" in raised.value.message(), raised.value
     time.sleep(5)
     assert server.readiness() != 200, "it stays not ready"
 

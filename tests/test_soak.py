@@ -24,8 +24,8 @@ MAX_GROWTH_MIB = 32.0
 
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuServer:
-    # Shared with test_high_resolution and test_perf_analyzer before, and test_triton_server after
-    # (whose last test stops it).
+    # Shared with test_high_resolution, test_perf_analyzer, test_server_security and
+    # test_triton_server (whose last test stops it); this module runs first on it (conftest.py).
     return shared_cpu_server(tmp_path_factory.mktemp("serving") / "server.log", request.config.add_cleanup)
 
 

@@ -211,7 +211,7 @@ class StageConfig:
         if self.engine.compile and len(sizes) > _COMPILED_SIZES:
             raise ConfigError(
                 f"warmup: at most {_COMPILED_SIZES} sizes with engine.compile (torch.compile's "
-                f"recompile limit; the sizes beyond it would run eager), got {len(sizes)}"
+                f"recompile limit; the engine compiles fullgraph, so a size beyond it would fail), got {len(sizes)}"
             )
         object.__setattr__(self, "warmup", tuple(sizes))
 
