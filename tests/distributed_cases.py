@@ -19,6 +19,10 @@ from distrifusion.pipeline import DistriPipeline
 
 COMPILE_BACKEND = os.environ.get("DISTRIFUSION_TEST_COMPILE_BACKEND", "aot_eager")
 """The torch.compile backend of the compiled cases (see tests/test_compiled_unet.py)."""
+CAPTURE_BACKEND = "eager"
+"""dynamo's capture, guards and recompiles without AOTAutograd (a third of aot_eager's time): for
+the compiled cases whose subject is the band layout (uneven and 4 bands) or the serving of a
+compiled stage. The compiled graph's functionalisation is the COMPILE_BACKEND cases' subject."""
 
 
 def run_jobs(jobs: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:

@@ -6,6 +6,8 @@ exchange operators, AOTAutograd's functionalisation of them, the guards and the 
 are the engine's part and are all exercised, in about 30 s a graph. Inductor's code generation takes
 3 minutes a graph for the tiny UNet on a cold cache here (11 for two ranks compiling at once), more
 than the suite can hold; ``DISTRIFUSION_TEST_COMPILE_BACKEND=inductor`` runs this module with it.
+The served stage and the recompile limit compile with the ``eager`` backend (dynamo's capture and
+guards only): what they test is the stage's load and the engine's guards, not the graph.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_cases import COMPILE_BACKEND, compiled_against_eager, reference_outputs
+from distributed_cases import CAPTURE_BACKEND, COMPILE_BACKEND, compiled_against_eager, reference_outputs
 
 from clients.sdxl_client import generate
 from distrifusion.launch import spawn_local
@@ -100,7 +102,7 @@ def test_a_compiled_stage_compiles_its_warmup_size_at_load_and_runs_other_sizes_
     repository = tmp_path / "repository"
     root = Path(__file__).resolve().parents[1]
     build = [sys.executable, "-m", "build_engines", "--model", str(tiny_sdxl_dir), "--output", str(repository),
-             "--target", "cpu", "--unet-ranks", "2", "--compile", COMPILE_BACKEND, "--warmup-resolutions", "256x256",
+             "--target", "cpu", "--unet-ranks", "2", "--compile", CAPTURE_BACKEND, "--warmup-resolutions", "256x256",
              # A step floor far below the compile: the warm-up's compiling step gets the compile deadline.
              "--step-deadline-s", "3"]  # fmt: skip
     subprocess.run(build, check=True, cwd=root, timeout=600)
@@ -126,3 +128,41 @@ def test_a_compiled_stage_compiles_its_warmup_size_at_load_and_runs_other_sizes_
         image, steps, compiled_steps, compiles = served(128)
         assert image.shape == (1, 128, 256, 3) and image.std() > 0
         assert (steps, compiled_steps, compiles) == (4, 0, 0)
+
+
+def test_a_size_past_the_recompile_limit_fails_loudly_instead_of_running_eager() -> None:
+    """dynamo runs a function eagerly, with only a warning, once it has compiled more graphs than its
+    recompile limit, unless the compile is ``fullgraph``. The engine compiles with ``fullgraph``:
+    a size past the limit must raise, never run eager while its steps say "compiled". Simulated
+    band of 2 ranks, the ``eager`` backend (the capture and its guards, no code generation)."""
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from distrifusion.collectives import ReplicatingCollective
+    from distrifusion.config import DistriConfig
+    from distrifusion.tiny_model import sdxl_unet_config
+    from distrifusion.topology import Topology
+    from distrifusion.unet import DistriUNet, GenerationInfo
+
+    torch.manual_seed(0)
+    config = sdxl_unet_config(cross_attention_dim=96, pooled_projection_dim=64)
+    unet = DistriUNet(UNet2DConditionModel(**config).eval(), DistriConfig(mode="full_sync", compile="eager"),
+                      topology=Topology(world=2, rank=0), collective=ReplicatingCollective())  # fmt: skip
+
+    def step(size: int) -> None:
+        unet.begin_generation(GenerationInfo(do_classifier_free_guidance=True, num_timesteps=1))
+        with torch.no_grad():
+            unet(torch.randn(2, 4, size, size), torch.tensor(500.0), encoder_hidden_states=torch.randn(2, 77, 96),
+                 added_cond_kwargs={"text_embeds": torch.randn(2, 64),
+                                    "time_ids": torch.tensor([[8.0 * size] * 2 + [0, 0] + [8.0 * size] * 2] * 2)})  # fmt: skip
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            step(16)
+            (record,) = unet.steps
+            assert record.compiled and record.new_graphs == 1
+            with pytest.raises(FailOnRecompileLimitHit):
+                step(24)
+    finally:
+        torch._dynamo.reset()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_cases import (
-    COMPILE_BACKEND,
+    CAPTURE_BACKEND,
     generate_cases,
     patch_op_errors,
     reference_outputs,
@@ -83,7 +83,7 @@ EXACT_CASES = {
     3: [
         ("sdxl uneven 3 bands euler_a", "sdxl", full_sync(), call(scheduler="euler_ancestral")),
         ("sd15 uneven 3 bands unipc", "sd15", full_sync(), call(scheduler="unipc")),
-        ("sdxl uneven 3 bands compiled", "sdxl", {**full_sync(), "compile": COMPILE_BACKEND}, call()),
+        ("sdxl uneven 3 bands compiled", "sdxl", {**full_sync(), "compile": CAPTURE_BACKEND}, call()),
     ],
     4: [
         ("sdxl 4 bands dpmpp_2m", "sdxl", full_sync(), call(scheduler="dpmpp_2m")),
@@ -95,7 +95,7 @@ EXACT_CASES = {
         ),
         ("sd15 uneven 4 bands", "sd15", full_sync(), call(height=320)),
         ("sd15 cfg split 2x2", "sd15", full_sync(split_batch=True), call()),
-        ("sdxl 4 bands compiled", "sdxl", {**full_sync(), "compile": COMPILE_BACKEND}, call()),
+        ("sdxl 4 bands compiled", "sdxl", {**full_sync(), "compile": CAPTURE_BACKEND}, call()),
     ],
 }
 
