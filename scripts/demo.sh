@@ -29,6 +29,6 @@ curl -sf "localhost:${HTTP_PORT:-8000}/v2/health/ready" >/dev/null || { echo "[d
 
 echo "[demo] generating through the sdxl ensemble (2 UNet ranks, corrected_async_gn, 20 steps)"
 .venv/bin/python clients/sdxl_client.py --protocol grpc --url "localhost:${GRPC_PORT:-8001}" \
-  --prompt "a red circle and a small yellow triangle on a blue background" \
+  --prompt "a red circle on a blue background" \
   --height 256 --width 256 --steps 20 --seed 42 --output-dir outputs/demo
 echo "[demo] image: $(pwd)/outputs/demo/image_0_seed42.png"
