@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
               "prompts": [s.caption for s in scenes], "results": results}  # fmt: skip
     if args.merge:
         report = merged(json.loads(RESULTS.read_text()), report)
-    if min(row["size"] for row in report["results"]) == args.sizes[0]:
-        picture_grid(figure_rows, FIGURE)
+    if not args.merge or args.sizes[0] <= min(row["size"] for row in report["results"]):
+        picture_grid(figure_rows, FIGURE)  # the grid shows the smallest size published
     publish(RESULTS, report, markdown(report), args.benchmarks_md, HEADING)
     return 0
 

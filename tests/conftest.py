@@ -25,7 +25,12 @@ def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # soak must see it fresh: after the 2048² and 3072x1024 requests of test_high_resolution the
 # allocators hold pools large enough to absorb a leak the soak is there to catch.
 _FIRST_ON_THE_SHARED_SERVER = "test_soak.py"
-_SHARED_SERVER_MODULES = ("test_high_resolution.py", "test_perf_analyzer.py", "test_server_security.py")
+_SHARED_SERVER_MODULES = (
+    "test_high_resolution.py",
+    "test_perf_analyzer.py",
+    "test_server_security.py",
+    "test_triton_server.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -50,8 +50,10 @@ def test_a_large_request_is_decoded_in_tiles_and_written_by_the_client(
     with Image.open(path) as image:
         assert (image.size, image.mode) == ((width, height), "RGB")
         pixels = np.asarray(image)
-    # A picture, not a black or flat one, with no step where the tiles meet (the steps between
-    # neighbouring pixels there as large as elsewhere; a tile misplaced or unblended is many times).
+    # A picture, not a black or flat one, and no step where the tiles meet: the steps between
+    # neighbouring pixels across the repository's tile borders within 1.5x of those elsewhere
+    # (0.97 at 2048², 1.08 at 3072x1024 here; diffusers' own tiling reaches 1.36-1.88 on this VAE,
+    # BENCHMARKS.md "VAE tiling").
     assert pixels.std() > MIN_PIXEL_STD and 16 < pixels.mean() < 240, (pixels.mean(), pixels.std())
     plan = DecodeSettings.load(cpu_repository() / "vae_decoder" / "1").plan(height // 8, width // 8)
     seams = border_contrast(pixels, tile_borders([r * plan.scale for r in plan.rows], plan.tile_height * plan.scale),
