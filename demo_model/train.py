@@ -24,6 +24,7 @@ from tqdm import tqdm
 from distrifusion.clip_vocab import write_clip_bpe_files
 
 from . import SHIPPED
+from .preview_map import fit_preview_map
 from .train_unet import train_unet
 from .train_vae import train_vae
 
@@ -67,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe.to(torch.float16).save_pretrained(args.output, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         write_clip_bpe_files(args.output / name)
+    shipped_vae = AutoencoderKL.from_pretrained(args.output / "vae", dtype=torch.float32).eval()
+    fit_preview_map(shipped_vae).save(args.output / "vae")  # the previews of streamed requests
     summary = {
         "seed": args.seed,
         "vae_steps": args.vae_steps,
