@@ -102,11 +102,13 @@ class CpuServer:
             return 0
 
     def wait_ready(self, seconds: float = 600) -> None:
+        """Until Triton reports ready and its metrics endpoint answers: tritonserver starts that one
+        after the HTTP endpoint, so a scrape right after readiness could be refused (it was, once)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited:\n{self.log_tail()}")
-            if self.readiness() == 200:
+            if self.readiness() == 200 and _answers(self.metrics):
                 return
             time.sleep(1)
         raise TimeoutError(f"tritonserver not ready after {seconds:.0f} s:\n{self.log_tail()}")
@@ -178,6 +180,14 @@ def status_bytes(pid: int, field: str) -> int | None:
 def rss_bytes(pid: int) -> int | None:
     """The resident memory of ``pid`` (VmRSS), None once it is gone."""
     return status_bytes(pid, "VmRSS")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{url}", timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def scrape_metrics(url: str) -> dict[tuple[str, frozenset], float]:
