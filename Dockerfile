@@ -122,6 +122,7 @@ CMD ["tritonserver", \
      "--backend-directory=/opt/tritonserver/backends", \
      "--model-control-mode=explicit", \
      "--load-model=sdxl", \
+     "--load-model=sdxl_stream", \
      "--load-model=vae_decoder_whole", \
      "--load-model=vae_decoder_tile_statistics", \
      "--load-model=vae_decoder_tiles", \
@@ -164,6 +165,7 @@ CMD ["tritonserver", \
      "--model-repository=/models/repository", \
      "--model-control-mode=explicit", \
      "--load-model=sdxl", \
+     "--load-model=sdxl_stream", \
      "--load-model=vae_decoder_whole", \
      "--load-model=vae_decoder_tile_statistics", \
      "--load-model=vae_decoder_tiles", \

@@ -577,6 +577,7 @@ def _build(
     from .repository import (
         ENSEMBLE,
         ONNX_RUNTIME_TEMPLATE,
+        STREAM,
         TOKENIZER,
         TRITON_GLUE,
         UNET,
@@ -587,6 +588,8 @@ def _build(
         load_template,
         max_queue_size,
         stage_config,
+        stream_config,
+        stream_plan,
         tokenizer_spec,
         unet_config,
         write_config,
@@ -750,6 +753,11 @@ def _build(
         shutil.copy2(templates / TRITON_GLUE, repo / UNET / "1" / TRITON_GLUE)
         summary = copy_unet_model(model_dir, repo / UNET / "1" / MODEL_DIRECTORY, variant=args.variant)
         written = unet_stage.save(repo / UNET / "1")
+        latent_map = _latent_map(model_dir / "vae")
+        if latent_map is None:
+            progress.log("no latent-to-RGB map for this VAE: sdxl_stream streams progress without previews")
+        else:
+            progress.log(f"previews: {latent_map.save(repo / UNET / '1' / MODEL_DIRECTORY)}")
         progress.log(
             f"unet/1/{MODEL_DIRECTORY}: {summary['files']} unet file(s), {summary['bytes'] / 2**20:.1f} MiB"
         )
@@ -808,6 +816,15 @@ def _build(
         )
         msg = ensemble_config(load_template(templates, ENSEMBLE), max_batch)
         write_config(repo / ENSEMBLE, msg, generated.format(name=ENSEMBLE))
+        # A stream beyond what the UNet stage holds (its batches in flight and its queue) would be
+        # refused by that queue, after its text encoding.
+        max_streams = queue + max_batch * instances
+        (repo / STREAM / "1").mkdir(parents=True)
+        shutil.copy2(templates / STREAM / "1" / "model.py", repo / STREAM / "1" / "model.py")
+        shutil.copy2(templates / TRITON_GLUE, repo / STREAM / "1" / TRITON_GLUE)
+        stream_plan(msg).save(repo / STREAM / "1")
+        stream = stream_config(load_template(templates, STREAM), msg, max_streams)
+        write_config(repo / STREAM, stream, generated.format(name=STREAM))
         configs = check_repository(repo)
         progress.log(f"{len(configs)} models: {', '.join(sorted(configs))}; ensemble tensors consistent")
 
@@ -816,6 +833,16 @@ def _build(
         manifest["gpu"] = gpu_info
     (repo / "build_manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
+
+
+def _latent_map(vae_folder: Path) -> Any:
+    """The VAE's latent-to-RGB map (stored beside it, or SDXL's published one), or None."""
+    from distrifusion.vae.preview import LatentToRgb
+
+    try:
+        return LatentToRgb.for_vae(vae_folder, json.loads((vae_folder / "config.json").read_text()))
+    except FileNotFoundError:
+        return None
 
 
 def _json_default(value: Any) -> Any:

@@ -10,6 +10,9 @@ Layout written (both targets)::
     <repo>/unet/config.pbtxt, 1/model.py (and whatever else model_repository/unet/ holds),
           1/stage_config.json  the stage's settings (distrifusion.serving.stage_config)
           1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/
+          1/model/latent_rgb.json  the latent-to-RGB map for step previews (when the VAE has one)
+    <repo>/sdxl_stream/config.pbtxt, 1/model.py, 1/ensemble_steps.json   decoupled, the ensemble's
+          steps through BLS with step progress and previews (distrifusion.serving.stream)
     <repo>/readiness_gate/config.pbtxt, 1/model.py     loaded by the supervisor during recovery only
     <repo>/build_manifest.json                          what was built, from what, with which checks
 """
@@ -30,13 +33,16 @@ from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInsta
 from distrifusion.config import ConfigError
 from distrifusion.export import StageSpec, TensorSpec
 from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, StageConfig
+from distrifusion.serving.stream import PLAN_FILE, PREVIEW_INPUTS, EnsembleStep, StreamPlan
 from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
 from distrifusion.serving.unet_stage import OPTIONAL_INPUTS as UNET_OPTIONAL_INPUTS
 from distrifusion.serving.unet_stage import OUTPUTS as UNET_OUTPUTS
 from distrifusion.serving.unet_stage import REQUIRED_INPUTS as UNET_REQUIRED_INPUTS
+from distrifusion.serving.unet_stage import STREAM_INPUTS as UNET_STREAM_INPUTS
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_repository"
 ENSEMBLE = "sdxl"
+STREAM = "sdxl_stream"
 TOKENIZER = "tokenizer"
 UNET = "unet"
 ONNX_RUNTIME_TEMPLATE = "onnx_runtime"
@@ -212,7 +218,9 @@ def unet_config(template: ModelConfig, max_batch_size: int, instances: int, queu
     msg = copy.deepcopy(template)
     inputs = _tensors(msg.input)
     outputs = _tensors(msg.output)
-    missing = [n for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS) if n not in inputs]
+    missing = [
+        n for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS, *UNET_STREAM_INPUTS) if n not in inputs
+    ]
     missing += [f"output {n}" for n in UNET_OUTPUTS if n not in outputs]
     if missing:
         raise RepositoryError(f"model_repository/unet/config.pbtxt lacks {', '.join(missing)}")
@@ -236,6 +244,52 @@ def ensemble_config(template: ModelConfig, max_batch_size: int) -> ModelConfig:
     msg = copy.deepcopy(template)
     msg.max_batch_size = max_batch_size
     return msg
+
+
+def stream_config(template: ModelConfig, ensemble: ModelConfig, max_active_streams: int) -> ModelConfig:
+    """The served sdxl_stream config: the ensemble's batch size, and the bound on streams."""
+    msg = copy.deepcopy(template)
+    msg.max_batch_size = ensemble.max_batch_size
+    msg.parameters["max_active_streams"].string_value = str(max_active_streams)
+    return msg
+
+
+def stream_plan(ensemble: ModelConfig) -> StreamPlan:
+    """The ensemble's steps, as sdxl_stream runs them."""
+    steps = tuple(
+        EnsembleStep(step.model_name, dict(step.input_map), dict(step.output_map))
+        for step in ensemble.ensemble_scheduling.step
+    )
+    return StreamPlan(steps=steps, outputs=tuple(t.name for t in ensemble.output), unet_model=UNET)
+
+
+def check_stream(stream: ModelConfig, ensemble: ModelConfig, plan: StreamPlan) -> list[str]:
+    """sdxl_stream takes the ensemble's inputs (plus the preview ones), returns its outputs, with the
+    same types and batch size, and runs the ensemble's steps."""
+    errors = []
+    for role, ours, theirs in (
+        ("input", stream.input, ensemble.input),
+        ("output", stream.output, ensemble.output),
+    ):
+        ours_by_name = _tensors(ours)
+        for tensor in theirs:
+            mine = ours_by_name.get(tensor.name)
+            if mine is None:
+                errors.append(f"{STREAM}: lacks the ensemble's {role} {tensor.name!r}")
+            elif mine.data_type != tensor.data_type or list(mine.dims) != list(tensor.dims):
+                errors.append(f"{STREAM}: {role} {tensor.name!r} differs from the ensemble's")
+    extra = set(_tensors(stream.input)) - set(_tensors(ensemble.input)) - set(PREVIEW_INPUTS)
+    if extra:
+        errors.append(f"{STREAM}: inputs {sorted(extra)} are neither the ensemble's nor preview settings")
+    if stream.max_batch_size != ensemble.max_batch_size:
+        errors.append(
+            f"{STREAM}: max_batch_size {stream.max_batch_size}, the ensemble's {ensemble.max_batch_size}"
+        )
+    if not stream.model_transaction_policy.decoupled:
+        errors.append(f"{STREAM}: not decoupled")
+    if plan != stream_plan(ensemble):
+        errors.append(f"{STREAM}: 1/{PLAN_FILE} is not the ensemble's steps")
+    return errors
 
 
 def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
@@ -356,6 +410,13 @@ def check_repository(repo: Path) -> dict[str, ModelConfig]:
             errors += [f"{model}: {e}" for e in check_ensemble(msg, configs)]
     if UNET in configs:
         errors += check_unet_stage(configs[UNET], repo / UNET / "1")
+    if STREAM in configs and ENSEMBLE in configs:
+        try:
+            plan = StreamPlan.load(repo / STREAM / "1")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            errors.append(f"{STREAM}: 1/{PLAN_FILE} does not load: {err}")
+        else:
+            errors += check_stream(configs[STREAM], configs[ENSEMBLE], plan)
     if errors:
         raise RepositoryError("invalid model repository:\n  " + "\n  ".join(errors))
     return configs

@@ -46,7 +46,7 @@ export HF_HUB_OFFLINE=1
 exec "$python" -m distrifusion.serving.supervisor --metrics-port="${SUPERVISOR_METRICS_PORT:-8003}" \
   -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
-  --model-control-mode=explicit --load-model=sdxl \
+  --model-control-mode=explicit --load-model=sdxl --load-model=sdxl_stream \
   --load-model=vae_decoder_whole --load-model=vae_decoder_tile_statistics --load-model=vae_decoder_tiles \
   --backend-directory="$(realpath "$server/backends")" \
   --http-port="${HTTP_PORT:-8000}" --grpc-port="${GRPC_PORT:-8001}" --metrics-port="${METRICS_PORT:-8002}" \

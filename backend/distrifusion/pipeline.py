@@ -7,6 +7,7 @@ scheduler run replicated, the UNet is split, and rank 0 decodes and returns the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from .clean_latent import CleanLatentProbe
 from .config import DistriConfig, check_sampling
 from .geometry import ModelGeometry
 from .schedulers import make_scheduler
@@ -35,6 +37,19 @@ class GenerationResult:
     seed: int | list[int]
     interrupted: bool = False
     """``should_stop`` ended the denoising early: the latents are not finished."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgress:
+    """What rank 0 knows after queuing a step (see ``on_progress``)."""
+
+    step: int
+    """1-based: the UNet evaluations done (Heun's second-order steps count twice, as in diffusers)."""
+    total: int
+    mark: StepMark
+    """When the device has run the step; its tensors are final only then."""
+    clean_latent: Callable[[], torch.Tensor]
+    """The step's predicted clean latent (x0), full size, on the UNet's device."""
 
 
 def _generators(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
@@ -104,6 +119,7 @@ class DistriPipeline:
         output_type: str = "pil",
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, StepMark], None] | None = None,
+        on_progress: Callable[[StepProgress], None] | None = None,
         **diffusers_kwargs: Any,
     ) -> GenerationResult | None:
         """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
@@ -114,7 +130,8 @@ class DistriPipeline:
         on rank 0 after every step (e.g. "was the request cancelled?"); all ranks then skip the
         remaining steps together. ``on_step(step, mark)`` is called on every rank once the host has
         queued a step, with the mark that tells when the device has run it (a watchdog heartbeats
-        on those). The host runs at most :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of
+        on those). ``on_progress`` is called on rank 0 only, after ``on_step``, with the step's
+        :class:`StepProgress`; without it the scheduler is not wrapped. The host runs at most :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of
         the device, and returns once the device has run every step. Other keyword arguments go to
         the diffusers pipeline unchanged.
         """
@@ -130,6 +147,8 @@ class DistriPipeline:
         final: dict[str, torch.Tensor] = {}
         queued: collections.deque[StepMark] = collections.deque()
         clock = self.clock or clock_for(self.unet.device)
+        progress = on_progress if self.rank == 0 else None
+        probe = CleanLatentProbe(self.pipe.scheduler)
 
         def after_step(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
             final["latents"] = tensors["latents"]
@@ -139,23 +158,26 @@ class DistriPipeline:
                 queued.popleft().wait()
             if on_step is not None:
                 on_step(step, mark)
+            if progress is not None:
+                progress(StepProgress(step + 1, pipe.num_timesteps, mark, probe.latent))
             if should_stop is not None and self._agreed_stop(should_stop):
                 pipe._interrupt = True  # diffusers then skips the remaining steps
             return {}
 
         self.unet.begin_generation(self.pipe)
-        output = self.pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=_generators(seed),
-            output_type=output_type if self.rank == 0 else "latent",
-            callback_on_step_end=after_step,
-            **diffusers_kwargs,
-        )
+        with probe if progress is not None else contextlib.nullcontext():
+            output = self.pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=_generators(seed),
+                output_type=output_type if self.rank == 0 else "latent",
+                callback_on_step_end=after_step,
+                **diffusers_kwargs,
+            )
         for mark in queued:
             mark.wait()
         if self.rank != 0:

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..config import DistriConfig
-from ..pipeline import DistriPipeline
+from ..pipeline import DistriPipeline, StepProgress
 from ..step_clock import StepMark
 
 TEXT_TOKENS = 77
@@ -83,12 +83,13 @@ def run_denoise(
     request: DenoiseRequest,
     should_stop: Callable[[], bool] = _never,
     on_step: Callable[[int, StepMark], None] | None = None,
+    on_progress: Callable[[StepProgress], None] | None = None,
 ) -> DenoiseResult | None:
     """Every rank runs this with the same request; rank 0 gets the result.
 
     Every rank passes a ``should_stop`` (only rank 0's is asked), so all join the per-step vote;
     ``on_step(step, mark)`` runs on this rank once it has queued each step (``mark`` tells when
-    the device has run it).
+    the device has run it); ``on_progress`` (rank 0 only) gets each step's :class:`StepProgress`.
     """
     device = pipeline.unet.device
     dtype = pipeline.unet.dtype
@@ -107,6 +108,7 @@ def run_denoise(
         output_type="latent",
         should_stop=should_stop,
         on_step=on_step,
+        on_progress=on_progress,
     )
     if result is None:
         return None

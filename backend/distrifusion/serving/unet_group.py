@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, DistriConfig
 from ..launch import free_port, init_local_rank, select_device
+from ..pipeline import StepProgress
 from ..step_clock import StepMark
 from ..topology import Topology
 from .denoise import (
@@ -276,8 +277,14 @@ class UNetGroup:
             )
             raise RuntimeError(f"warm-up at {width}x{height} failed{hint}: {error}") from error
 
-    def denoise(self, request: DenoiseRequest, should_stop: Callable[[], bool] = _never) -> DenoiseResult:
-        """Runs the request on every rank; ``should_stop()`` (checked each step) ends it early.
+    def denoise(
+        self,
+        request: DenoiseRequest,
+        should_stop: Callable[[], bool] = _never,
+        on_progress: Callable[[StepProgress], None] | None = None,
+    ) -> DenoiseResult:
+        """Runs the request on every rank; ``should_stop()`` (checked each step) ends it early;
+        ``on_progress`` gets each step's progress (see :class:`~distrifusion.pipeline.StepProgress`).
 
         Raises ConfigError (a field this group cannot run), GroupFault (a rank was lost during
         the request; retrying is safe) or GroupUnavailable (the group gave up, or is closed).
@@ -286,7 +293,7 @@ class UNetGroup:
         with self._run_lock:
             if self._state != SERVING:
                 raise GroupUnavailable(self.unavailable_reason())
-            return self._run(request, should_stop)
+            return self._run(request, should_stop, on_progress)
 
     def unavailable_reason(self) -> str:
         if self._state == GAVE_UP:
@@ -296,7 +303,12 @@ class UNetGroup:
             )
         return f"the UNet group is {self._state}"
 
-    def _run(self, request: DenoiseRequest, should_stop: Callable[[], bool]) -> DenoiseResult:
+    def _run(
+        self,
+        request: DenoiseRequest,
+        should_stop: Callable[[], bool],
+        on_progress: Callable[[StepProgress], None] | None = None,
+    ) -> DenoiseResult:
         request = dataclasses.replace(
             request,
             prompt_embeds=request.prompt_embeds.detach(),
@@ -317,7 +329,7 @@ class UNetGroup:
         try:
             for worker in self._workers:
                 worker.send("denoise", request)
-            result = run_denoise(self.pipeline, request, should_stop, on_step)
+            result = run_denoise(self.pipeline, request, should_stop, on_step, on_progress)
         except Exception as error:
             progress.poll(time.monotonic())
             fault = self._fault_after(error).at_step(progress.completed + 1, request.num_inference_steps)

@@ -19,10 +19,13 @@ import torch
 
 from ..config import ConfigError
 from ..unet import StepRecord
+from ..vae.preview import LatentToRgb
 from .denoise import DenoiseRequest
 from .faults import GroupFault, GroupUnavailable
 from .health import HealthBoard, health_directory
+from .progress_channel import TOKEN_FIELD, ProgressSender, stream_directory
 from .stage_config import MODEL_DIRECTORY, STAGE_CONFIG_NAME, RequestSettings, StageConfig
+from .stream_progress import DEFAULT_PREVIEW_SIZE, StreamProgress, StreamSettings
 from .unet_group import SERVING, EventSink, UNetGroup
 
 ENCODER_INPUTS = (
@@ -35,12 +38,18 @@ ENCODER_INPUTS = (
 )
 REQUIRED_INPUTS = (*ENCODER_INPUTS, "negative_given")
 OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
-INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS)
+STREAM_INPUTS = (TOKEN_FIELD, "preview_every", "preview_size")
+"""Set by sdxl_stream (through BLS): where this request's progress goes, and its previews."""
+INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS, *STREAM_INPUTS)
 OUTPUTS = ("latents", "seed")
 
 
 def _ignore(kind: str, **details: Any) -> None:
     pass
+
+
+def _either(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: first() or second()
 
 
 class Cancelled(Exception):
@@ -59,6 +68,7 @@ class StageRequest:
     guidance_scale: float
     seeds: list[int | None]
     scheduler: str | None
+    stream: StreamSettings | None = None
 
     @property
     def rows(self) -> int:
@@ -129,6 +139,16 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], settings: RequestSett
         if seed_values.size != rows or np.any(seed_values < 0):
             raise ConfigError(f"seed: expected one seed >= 0 per prompt ({rows}), got {seed_values.tolist()}")
         seeds = [int(seed) for seed in seed_values]
+    stream = None
+    preview_every = _shared_scalar(inputs, "preview_every", rows, int, 0)
+    preview_size = _shared_scalar(inputs, "preview_size", rows, int, DEFAULT_PREVIEW_SIZE)
+    if inputs.get(TOKEN_FIELD) is not None:
+        token = _text(_shared_scalar(inputs, TOKEN_FIELD, rows, lambda value: value), TOKEN_FIELD)
+        stream = StreamSettings(token, preview_every, preview_size)
+    elif inputs.get("preview_every") is not None or inputs.get("preview_size") is not None:
+        raise ConfigError(
+            "preview_every, preview_size: only a streamed request (model sdxl_stream) has previews"
+        )
     return StageRequest(
         encodings=encodings,
         negative_given=np.asarray(inputs["negative_given"], dtype=bool).reshape(rows),
@@ -138,6 +158,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], settings: RequestSett
         guidance_scale=guidance,
         seeds=seeds,
         scheduler=scheduler_name,
+        stream=stream,
     )
 
 
@@ -194,6 +215,7 @@ class UNetStage:
         self._server = os.getppid()
         self._on_event = on_event
         self._health = HealthBoard(health_directory(self._server))
+        self.latent_map = LatentToRgb.load(os.path.join(version_directory, MODEL_DIRECTORY))
         placement = config.placement
         gpus = placement.instance_gpus(instance, torch.cuda.device_count() if placement.gpus else 0)
         self.group = UNetGroup(
@@ -260,6 +282,19 @@ class UNetStage:
         self, inputs: list[Mapping[str, np.ndarray | None]], cancelled: list[Callable[[], bool]]
     ) -> list[StageResult | Exception]:
         """Per request, its result or the exception to report (ConfigError: the client's fault)."""
+        senders: dict[int, ProgressSender] = {}
+        try:
+            return self._run(inputs, list(cancelled), senders)
+        finally:
+            for sender in senders.values():
+                sender.close()
+
+    def _run(
+        self,
+        inputs: list[Mapping[str, np.ndarray | None]],
+        cancelled: list[Callable[[], bool]],
+        senders: dict[int, ProgressSender],
+    ) -> list[StageResult | Exception]:
         outcomes: dict[int, StageResult | Exception] = {}
         batches: dict[tuple, list[tuple[int, StageRequest]]] = {}
         for index, request_inputs in enumerate(inputs):
@@ -269,9 +304,14 @@ class UNetStage:
             try:
                 request = parse_request(request_inputs, self.requests)
                 self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
+                if request.stream is not None:
+                    senders[index] = self._connect(request.stream)
             except ConfigError as error:
                 outcomes[index] = error.with_traceback(None)
                 continue
+            if index in senders:
+                # A stream that closed its end is a cancelled (or disconnected) client.
+                cancelled[index] = _either(cancelled[index], senders[index].gone)
             batches.setdefault(request.batch_key, []).append((index, request))
         fault: GroupFault | None = None
         for members in batches.values():
@@ -285,7 +325,9 @@ class UNetStage:
             else:
                 try:
                     results = self._run_batch(
-                        [request for _, request in members], [cancelled[i] for i in indices]
+                        [request for _, request in members],
+                        [cancelled[i] for i in indices],
+                        [senders.get(i) for i in indices],
                     )
                 except GroupFault as lost:
                     # Without its traceback: this frame would hold it in a cycle (and with it every
@@ -297,13 +339,32 @@ class UNetStage:
             outcomes.update(zip(indices, results, strict=True))
         return [outcomes[index] for index in range(len(inputs))]
 
+    def _connect(self, stream: StreamSettings) -> ProgressSender:
+        if stream.preview_every and self.latent_map is None:
+            raise ConfigError(
+                "preview_every: this deployment's model has no latent-to-RGB map for previews (build "
+                "it from a model whose VAE folder has one, or SDXL's VAE); 0 streams progress only"
+            )
+        return ProgressSender.connect(stream.token, stream_directory(self._server))
+
     def _run_batch(
-        self, requests: list[StageRequest], cancelled: list[Callable[[], bool]]
+        self,
+        requests: list[StageRequest],
+        cancelled: list[Callable[[], bool]],
+        senders: list[ProgressSender | None],
     ) -> list[StageResult | Exception]:
+        progress = StreamProgress(self.latent_map)
+        start = 0
+        for request, sender in zip(requests, senders, strict=True):
+            if sender is not None and request.stream is not None:
+                progress.add(sender, slice(start, start + request.rows), request.stream)
+            start += request.rows
         result = self.group.denoise(
             denoise_request(requests, self.force_zeros_for_empty_prompt),
             should_stop=lambda: self._server_gone() or all(is_cancelled() for is_cancelled in cancelled),
+            on_progress=progress.on_progress if progress else None,
         )
+        progress.flush()
         self._steps.extend(self.group.pipeline.unet.steps)
         if result.interrupted:
             return [Cancelled("request cancelled")] * len(requests)

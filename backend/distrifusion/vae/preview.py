@@ -62,13 +62,21 @@ class LatentToRgb:
         )
 
     @classmethod
+    def load(cls, folder: Path) -> LatentToRgb | None:
+        """The map stored in ``folder``, if any."""
+        path = Path(folder) / MAP_FILE
+        if not path.is_file():
+            return None
+        values = json.loads(path.read_text())
+        return cls(weights=tuple(map(tuple, values["weights"])), bias=tuple(values["bias"]))
+
+    @classmethod
     def for_vae(cls, folder: Path, config: dict[str, Any]) -> LatentToRgb:
         """The map stored in ``folder``; SDXL's published one for SDXL's VAE; else an error saying
         how to fit one."""
-        path = Path(folder) / MAP_FILE
-        if path.is_file():
-            values = json.loads(path.read_text())
-            return cls(weights=tuple(map(tuple, values["weights"])), bias=tuple(values["bias"]))
+        stored = cls.load(folder)
+        if stored is not None:
+            return stored
         if config.get("latent_channels") == 4 and config.get("scaling_factor") == SDXL_SCALING_FACTOR:
             return cls.sdxl()
         raise FileNotFoundError(
@@ -91,10 +99,15 @@ class LatentToRgb:
     def preview(self, latents: torch.Tensor, longer_side: int) -> np.ndarray:
         """``[B, C, h, w]`` -> uint8 ``[B, H, W, 3]`` whose longer side is ``longer_side`` (the
         aspect ratio kept, each side at least 1)."""
+        return self.preview_pixels(latents, longer_side).cpu().numpy()
+
+    def preview_pixels(self, latents: torch.Tensor, longer_side: int) -> torch.Tensor:
+        """:meth:`preview` on the latents' device, without waiting for it (a GPU's copy to the host
+        would stall the host until the step has run)."""
         height, width = latents.shape[-2:]
         ratio = longer_side / max(height, width)
         size = (max(1, round(height * ratio)), max(1, round(width * ratio)))
         resized = F.interpolate(
             self.rgb(latents), size=size, mode="bilinear", antialias=True, align_corners=False
         )
-        return (resized * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return (resized * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -1,0 +1,188 @@
+"""The decoupled ``sdxl_stream`` model, without Triton: one request through the ``sdxl`` ensemble's
+own steps, with the UNet stage's progress forwarded as it comes.
+
+The steps are the ensemble's (``build_engines`` writes them, from the ensemble's config, to
+:data:`PLAN_FILE`), run one after another through the caller's ``infer`` (BLS in the model.py):
+the same models with the same tensors, so the final image is the ensemble's. The UNet step also
+gets a ``progress_token`` (:mod:`.progress_channel`) and the request's ``preview_every`` and
+``preview_size``; while it runs, each step's message goes to ``on_message``. The VAE runs once, on
+the final latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import MetricSpec, Observation
+from .progress_channel import TOKEN_FIELD, ProgressListener, StepMessage
+
+PLAN_FILE = "ensemble_steps.json"
+"""In sdxl_stream's version folder."""
+PREVIEW_INPUTS = ("preview_every", "preview_size")
+"""sdxl_stream's inputs beyond the ensemble's; passed to the UNet stage, which checks them."""
+
+METRICS = (
+    MetricSpec("distrifusion_stream_active", "Streamed requests (sdxl_stream) in progress", "gauge"),
+    MetricSpec("distrifusion_stream_progress_total", "Progress responses sent to streams", "counter"),
+    MetricSpec("distrifusion_stream_previews_total", "Preview images sent to streams", "counter"),
+    MetricSpec(
+        "distrifusion_stream_first_progress_seconds",
+        "From a stream's arrival to its first progress response (queueing, text encoders, first step)",
+        "histogram",
+        (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    ),
+    MetricSpec("distrifusion_stream_requests_total", "Finished streams, by outcome", "counter"),
+)
+OUTCOMES = ("success", "invalid_argument", "cancelled", "unavailable", "internal")
+
+
+class StepFailed(Exception):
+    """A composing model answered with an error: its message, and its kind (a failure kind of
+    :mod:`.metrics`), passed on unchanged."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    inputs: dict[str, str]
+    """The model's input name -> the ensemble tensor it reads."""
+    outputs: dict[str, str]
+    """The model's output name -> the ensemble tensor it writes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    steps: tuple[EnsembleStep, ...]
+    outputs: tuple[str, ...]
+    """The ensemble's outputs: the final response's tensors."""
+    unet_model: str
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / PLAN_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> StreamPlan:
+        values = json.loads((Path(folder) / PLAN_FILE).read_text())
+        steps = tuple(EnsembleStep(**step) for step in values["steps"])
+        return cls(steps=steps, outputs=tuple(values["outputs"]), unet_model=values["unet_model"])
+
+
+Infer = Callable[[str, Mapping[str, Any], list[str]], dict[str, Any]]
+"""``infer(model, inputs, output_names)`` -> outputs by name; raises :class:`StepFailed`. Tensors
+are the caller's own objects (Triton's, passed on without a copy), or numpy arrays this module made."""
+
+
+def cancelled_error() -> StepFailed:
+    return StepFailed("request cancelled", "cancelled")
+
+
+class StreamRunner:
+    def __init__(self, plan: StreamPlan, infer: Infer, directory: Path) -> None:
+        self.plan = plan
+        self.infer = infer
+        self.directory = directory
+
+    def run(
+        self,
+        inputs: Mapping[str, Any],
+        rows: int,
+        on_message: Callable[[StepMessage], None],
+        cancelled: Callable[[], bool],
+    ) -> dict[str, Any]:
+        """The ensemble's outputs for one request of ``rows`` prompts; raises :class:`StepFailed`."""
+        tensors = {name: value for name, value in inputs.items() if name not in PREVIEW_INPUTS}
+        for step in self.plan.steps:
+            if cancelled():
+                raise cancelled_error()
+            step_inputs = {key: tensors[value] for key, value in step.inputs.items() if value in tensors}
+            if step.model == self.plan.unet_model:
+                previews = {name: inputs[name] for name in PREVIEW_INPUTS if name in inputs}
+                outputs = self._unet(step, {**step_inputs, **previews}, rows, on_message, cancelled)
+            else:
+                outputs = self.infer(step.model, step_inputs, list(step.outputs))
+            for key, value in step.outputs.items():
+                tensors[value] = outputs[key]
+        return {name: tensors[name] for name in self.plan.outputs}
+
+    def _unet(
+        self,
+        step: EnsembleStep,
+        inputs: dict[str, Any],
+        rows: int,
+        on_message: Callable[[StepMessage], None],
+        cancelled: Callable[[], bool],
+    ) -> dict[str, Any]:
+        listener = ProgressListener(self.directory)
+        inputs[TOKEN_FIELD] = np.array([[listener.token]] * rows, dtype=object)
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["outputs"] = self.infer(step.model, inputs, list(step.outputs))
+            except Exception as error:
+                outcome["error"] = error
+
+        caller = threading.Thread(target=call, name="sdxl_stream-unet", daemon=True)
+        caller.start()
+        try:
+            for message in listener.messages(finished=lambda: not caller.is_alive(), cancelled=cancelled):
+                on_message(message)
+        finally:
+            listener.close()
+            caller.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        if cancelled():
+            raise cancelled_error()
+        return outcome["outputs"]
+
+
+def refused_message(max_active: int) -> str:
+    return (
+        f"sdxl_stream: {max_active} streams are in progress, the most this deployment holds "
+        "(max_active_streams); retry later"
+    )
+
+
+def active_observations(active: int) -> list[Observation]:
+    return [Observation("distrifusion_stream_active", active)]
+
+
+def initial_observations() -> list[Observation]:
+    """Every series from 0 at load: a ``rate()`` alert needs it."""
+    return [
+        *active_observations(0),
+        Observation("distrifusion_stream_progress_total", 0),
+        Observation("distrifusion_stream_previews_total", 0),
+        *(Observation("distrifusion_stream_requests_total", 0, (("outcome", o),)) for o in OUTCOMES),
+    ]
+
+
+def message_observations(message: StepMessage, first_after_s: float | None) -> list[Observation]:
+    """A progress response sent; ``first_after_s``: the stream's first, this long after it arrived."""
+    added = [Observation("distrifusion_stream_progress_total", 1)]
+    if message.preview is not None:
+        added.append(Observation("distrifusion_stream_previews_total", len(message.preview)))
+    if first_after_s is not None:
+        added.append(Observation("distrifusion_stream_first_progress_seconds", first_after_s))
+    return added
+
+
+def finished_observations(outcome: str, active: int) -> list[Observation]:
+    return [
+        Observation("distrifusion_stream_requests_total", 1, (("outcome", outcome),)),
+        *active_observations(active),
+    ]
