@@ -1,17 +1,24 @@
 """Command-line client of the `sdxl` ensemble over gRPC or HTTP: prompt in, PNG files out.
 
     python clients/sdxl_client.py --prompt "a lighthouse at dawn" --seed 42 --protocol grpc
+    python clients/sdxl_client.py --prompt "a lighthouse at dawn" --stream --preview-every 5
 
 Prints the latency, the seed of every image (drawn by the server when not given) and whether a
-prompt was cut at CLIP's 77 tokens.
+prompt was cut at CLIP's 77 tokens. ``--stream`` asks the decoupled `sdxl_stream` model over a gRPC
+stream instead: a progress bar (steps, rate, time left) on the terminal, and the step previews
+written as PNGs beside the image. (HTTP cannot receive a decoupled model's responses: Triton's
+``generate_stream`` endpoint is JSON-only and provisional, so streaming is gRPC only.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import queue
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +107,64 @@ def generate(
     }
 
 
+@dataclasses.dataclass
+class StepUpdate:
+    step: int
+    total: int
+    preview: np.ndarray | None
+    """uint8 ``[rows, h, w, 3]`` on the steps that carry one."""
+
+
+def stream(
+    url: str,
+    model: str = "sdxl_stream",
+    timeout: float = 600.0,
+    preview_every: int | None = None,
+    preview_size: int | None = None,
+    on_step: Callable[[StepUpdate], bool | None] | None = None,
+    **fields: Any,
+) -> dict | None:
+    """Sends one request to the decoupled model over a gRPC stream; ``on_step`` gets each step's
+    update and may return True to cancel (then None is returned). Otherwise as :func:`generate`."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    inputs = build_inputs(grpcclient, **fields)
+    rows = len(fields["prompts"])
+    for name, value in (("preview_every", preview_every), ("preview_size", preview_size)):
+        if value is not None:
+            extra = grpcclient.InferInput(name, [rows, 1], "INT32")
+            extra.set_data_from_numpy(np.full((rows, 1), value, dtype=np.int32))
+            inputs.append(extra)
+    started = time.perf_counter()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=timeout)
+    try:
+        client.async_stream_infer(model, inputs)
+        while True:
+            result, error = responses.get(timeout=timeout)
+            if error is not None:
+                raise error
+            names = {output.name for output in result.get_response().outputs}
+            if "image" in names:
+                break
+            update = StepUpdate(
+                int(result.as_numpy("step").reshape(-1)[0]),
+                int(result.as_numpy("total_steps").reshape(-1)[0]),
+                result.as_numpy("preview") if "preview" in names else None,
+            )
+            if on_step is not None and on_step(update):
+                client.stop_stream(cancel_requests=True)
+                return None
+    finally:
+        client.stop_stream()
+        client.close()
+    return {
+        "images": result.as_numpy("image"),
+        "seeds": result.as_numpy("used_seed").reshape(-1).tolist(),
+        "truncated": result.as_numpy("truncated").reshape(-1).tolist(),
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate images with the sdxl ensemble on Triton.")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -118,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--url", help="host:port (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
-    parser.add_argument("--model", default="sdxl", help="ensemble name (default: sdxl)")
+    parser.add_argument("--model", help="default: sdxl (sdxl_stream with --stream)")
+    parser.add_argument(
+        "--stream", action="store_true", help="stream progress and previews (gRPC; the sdxl_stream model)"
+    )
+    parser.add_argument("--preview-every", type=int, help="with --stream: a preview every N steps")
+    parser.add_argument(
+        "--preview-size", type=int, help="with --stream: a preview's longer side (default 256)"
+    )
+    parser.add_argument("--cancel-after", type=int, help="with --stream: cancel after this many steps")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="default: ./outputs")
     return parser
@@ -133,21 +206,39 @@ def main(argv: list[str] | None = None) -> int:
         if values is not None and len(values) != len(args.prompt):
             print(f"error: {name}: give one per --prompt ({len(args.prompt)})", file=sys.stderr)
             return 2
-    try:
-        result = generate(
-            args.url or DEFAULT_URLS[args.protocol],
-            protocol=args.protocol,
-            model=args.model,
-            timeout=args.timeout,
-            prompts=args.prompt,
-            negative_prompts=negative,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            seeds=args.seed,
-            scheduler=args.scheduler,
+    if args.stream and args.protocol != "grpc":
+        print(
+            "error: --stream: gRPC only (HTTP cannot receive a decoupled model's responses)", file=sys.stderr
         )
+        return 2
+    if not args.stream and (args.preview_every, args.preview_size, args.cancel_after) != (None, None, None):
+        print("error: --preview-every, --preview-size, --cancel-after: only with --stream", file=sys.stderr)
+        return 2
+    fields = {
+        "prompts": args.prompt,
+        "negative_prompts": negative,
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seeds": args.seed,
+        "scheduler": args.scheduler,
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.stream:
+            result = _stream_with_progress(args, fields)
+            if result is None:
+                print(json.dumps({"cancelled_after_steps": args.cancel_after}))
+                return 0
+        else:
+            result = generate(
+                args.url or DEFAULT_URLS[args.protocol],
+                protocol=args.protocol,
+                model=args.model or "sdxl",
+                timeout=args.timeout,
+                **fields,
+            )
     except InferenceServerException as error:
         print(f"error: {error.status()}: {error.message()}", file=sys.stderr)
         if queue_full(error):
@@ -156,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (image, seed) in enumerate(zip(result["images"], result["seeds"], strict=True)):
         path = args.output_dir / f"image_{index}_seed{seed}.png"
@@ -169,6 +259,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({**summary, "images": paths}, indent=2))
     return 0
+
+
+def _stream_with_progress(args: argparse.Namespace, fields: dict) -> dict | None:
+    from tqdm import tqdm
+
+    with tqdm(unit="step", desc="denoising", dynamic_ncols=True) as bar:
+
+        def on_step(update: StepUpdate) -> bool:
+            bar.total = update.total
+            bar.update(update.step - bar.n)
+            if update.preview is not None:
+                for row, pixels in enumerate(update.preview):
+                    Image.fromarray(pixels).save(args.output_dir / f"preview_{row}_step{update.step:03d}.png")
+            return args.cancel_after is not None and update.step >= args.cancel_after
+
+        return stream(
+            args.url or DEFAULT_URLS["grpc"],
+            model=args.model or "sdxl_stream",
+            timeout=args.timeout,
+            preview_every=args.preview_every,
+            preview_size=args.preview_size,
+            on_step=on_step,
+            **fields,
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ _SHARED_SERVER_MODULES = (
     "test_high_resolution.py",
     "test_perf_analyzer.py",
     "test_server_security.py",
+    "test_streaming.py",
     "test_triton_server.py",
 )
 

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from processes import descendants, still_running_after
 from tritonclient.utils import InferenceServerException
+from unet_requests import unet_inputs
 
 from clients.sdxl_client import build_inputs, generate
 from distrifusion.launch import spawn_local
@@ -199,23 +200,6 @@ def test_wrong_dtype_and_shape_are_rejected_over_http(server: CpuServer) -> None
     client.close()
 
 
-def _unet_inputs(steps: int) -> list:
-    """A request straight to the unet model (what the ensemble sends it), with zero encodings."""
-    shapes = {"hidden_states_1": (1, 77, 32), "hidden_states_2": (1, 77, 64), "text_embeds": (1, 64)}
-    arrays = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-    arrays.update({f"negative_{name}": array for name, array in arrays.items()})
-    arrays["negative_given"] = np.array([[False]])
-    arrays.update({"height": np.array([[512]], np.int32), "width": np.array([[512]], np.int32)})
-    arrays["num_inference_steps"] = np.array([[steps]], np.int32)
-    inputs = []
-    for name, array in arrays.items():
-        datatype = {np.float32: "FP32", np.int32: "INT32", np.bool_: "BOOL"}[array.dtype.type]
-        infer_input = grpcclient.InferInput(name, list(array.shape), datatype)
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
-
-
 def _cancel_after(server: CpuServer, model: str, inputs: list, seconds: float) -> dict:
     """Sends ``inputs`` to ``model`` and cancels it ``seconds`` later; returns the metrics before.
 
@@ -233,7 +217,7 @@ def _cancel_after(server: CpuServer, model: str, inputs: list, seconds: float) -
 
 
 def test_cancelled_unet_request_stops_between_steps(server: CpuServer) -> None:
-    before = _cancel_after(server, "unet", _unet_inputs(steps=1000), seconds=5)
+    before = _cancel_after(server, "unet", unet_inputs(steps=1000), seconds=5)
     result = generate(server.grpc, prompts=["next"], seeds=[2], **SMALL)  # queued behind the cancelled one
     assert result["images"].shape == (1, 128, 128, 3)
     after = scrape_metrics(server.metrics)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from triton_glue import Metrics, error_response, output_tensor
+from triton_glue import Metrics, error_response, log, output_tensor
 
 from distrifusion.serving.progress_channel import StepMessage, stream_directory
 from distrifusion.serving.stream import (
@@ -33,7 +33,9 @@ from distrifusion.serving.stream import (
     refused_message,
 )
 
-# TritonError code names -> failure kinds; a code this Triton lacks is skipped.
+# TritonError code names -> failure kinds; a code this Triton lacks is skipped. (tritonserver 2.51's
+# BLS hands every composing model's error back as INTERNAL, whatever its code, measured on the CPU
+# server: the message is passed on unchanged, and gRPC streams carry only that anyway.)
 _KINDS = {"INVALID_ARG": "invalid_argument", "CANCELLED": "cancelled", "UNAVAILABLE": "unavailable"}
 
 
@@ -77,6 +79,14 @@ class TritonPythonModel:
         self.metrics.record(initial_observations())
         self._active = 0
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    def _send(self, sender: object, response: object = None, flags: int = 0) -> None:
+        # One send at a time: tritonserver 2.51 crashed (SIGSEGV, or SIGABRT from a
+        # boost::interprocess::lock_exception) when 12 cancelled streams sent their final flags from
+        # their threads at once (measured on the CPU server; 5 did not).
+        with self._send_lock:
+            sender.send(response, flags=flags)
 
     def execute(self, requests: list) -> None:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -87,8 +97,8 @@ class TritonPythonModel:
                 self._active += admitted
                 active = self._active
             if not admitted:
-                sender.send(error_response(refused_message(self.max_active), "unavailable"), flags=final)
-                self.metrics.record(finished_observations("unavailable", active))
+                self._send(sender, error_response(refused_message(self.max_active), "unavailable"), final)
+                self.metrics.record(finished_observations("refused", active))
                 continue
             self.metrics.record(active_observations(active))
             threading.Thread(
@@ -108,7 +118,7 @@ class TritonPythonModel:
             ]
             if message.preview is not None:
                 tensors.append(output_tensor("preview", message.preview))
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+            self._send(sender, pb_utils.InferenceResponse(output_tensors=tensors))
             self.metrics.record(message_observations(message, None if sent else time.monotonic() - arrived))
             sent.append(message.step)
 
@@ -116,13 +126,17 @@ class TritonPythonModel:
         try:
             outputs = self.runner.run(inputs, rows, on_message, request.is_cancelled)
             tensors = [_tensor(name, value) for name, value in outputs.items()]
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=final)
+            self._send(sender, pb_utils.InferenceResponse(output_tensors=tensors), flags=final)
         except StepFailed as failure:
-            outcome = failure.kind
-            sender.send(error_response(str(failure), failure.kind), flags=final)
+            outcome = "cancelled" if failure.kind == "cancelled" else "failed"
+            if outcome == "cancelled":
+                self._send(sender, flags=final)
+            else:
+                self._send(sender, error_response(str(failure), failure.kind), flags=final)
         except Exception as failure:  # this stream fails; the model keeps serving
-            outcome = "internal"
-            sender.send(error_response(f"sdxl_stream: {failure}"), flags=final)
+            outcome = "failed"
+            log("error", f"sdxl_stream: {type(failure).__name__}: {failure}")
+            self._send(sender, error_response(f"sdxl_stream: {failure}"), flags=final)
         finally:
             with self._lock:
                 self._active -= 1
