@@ -55,13 +55,15 @@ from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, Requ
 from distrifusion.serving.tokenize import MAX_TEXT_BYTES, SDXLTokenizers, TokenizeError
 from distrifusion.vae.decode import DecodeSettings
 from distrifusion.vae.export import tile_decoder_spec, tile_statistics_spec
+from distrifusion.vae.preview import LatentToRgb
 
 ROOT = Path(__file__).resolve().parents[1]
 
 BOS, EOS = 49406, 49407
 SERVING_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
-# The VAE stage's engines (called through BLS) and the supervisor's gate: not the ensemble's steps.
-EXPECTED_MODELS = SERVING_MODELS | set(VAE_ENGINES) | {"readiness_gate"}
+# The VAE stage's engines (called through BLS), the streamed model (the ensemble's steps through BLS)
+# and the supervisor's gate: not the ensemble's steps.
+EXPECTED_MODELS = SERVING_MODELS | set(VAE_ENGINES) | {"readiness_gate", "sdxl_stream"}
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +443,14 @@ def test_unet_stage_gets_its_settings_file_and_a_diffusers_directory(cpu_repo: P
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 2 * 3 * 1
 
     model = cpu_repo / "unet" / "1" / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    # The tiny model's VAE has SDXL's configuration: the published latent-to-RGB map, for previews.
+    assert sorted(p.name for p in model.iterdir()) == [
+        "latent_rgb.json",
+        "model_index.json",
+        "scheduler",
+        "unet",
+    ]
+    assert LatentToRgb.load(model) == LatentToRgb.sdxl()
     index = json.loads((model / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["scheduler"][0] == "diffusers"
     assert index["vae"] == [None, None] and index["text_encoder_2"] == [None, None]

@@ -78,3 +78,15 @@ def test_perf_analyzer_writes_the_expected_csv(server: CpuServer, tmp_path: Path
     assert float(row["Server Compute Infer"]) > 0
     # The warm-up request and the 4 measured ones all reached the ensemble and succeeded.
     assert _successes(server) - before >= 5
+
+
+def test_perf_analyzer_streams_the_decoupled_model(server: CpuServer, tmp_path: Path) -> None:
+    # The recipe of docs/streaming.md, with a fixed request count.
+    csv_path = tmp_path / "stream.csv"
+    run_perf_analyzer(["-m", "sdxl_stream", "-i", "grpc", "--streaming", "-u", server.grpc,
+                       "--input-data", str(PERF_INPUTS), "--concurrency-range", "1:1",
+                       "--measurement-mode", "count_windows", "--measurement-request-count", "3",
+                       "--request-count", "3", "--percentile", "95", "-f", str(csv_path)],
+                      tmp_path / "stream.log", progress=None, timeout=240)  # fmt: skip
+    (row,) = read_perf_csv(csv_path)
+    assert float(row["Inferences/Second"]) > 0, (tmp_path / "stream.log").read_text()[-2000:]
