@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             ("preview", f"progress + a {args.preview_size}-px preview every step"),
         )
     )
-    preview_rows = "\n".join(f"| {side}² ({side // 8}² latent) | {seconds * 1000:.2f} |" for side, seconds in previews.items())
+    preview_rows = "\n".join(
+        f"| {side}² ({side // 8}² latent) | {seconds * 1000:.2f} |" for side, seconds in previews.items()
+    )
     text = f"""`benchmarks/stream_costs.py --size {args.size} --steps {args.steps} --rounds {args.rounds}` on {machine}: one
 rank of the demo model, {args.size}², the three loops side by side in ABBA order ({args.rounds} rounds of
 {args.steps} steps each).

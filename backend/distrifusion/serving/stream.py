@@ -11,10 +11,11 @@ the final latents.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +117,21 @@ class StreamRunner:
         cancelled: Callable[[], bool],
     ) -> dict[str, Any]:
         """The ensemble's outputs for one request of ``rows`` prompts; raises :class:`StepFailed`."""
+        with self._turn_of(cancelled):
+            return self._steps(inputs, rows, on_message, cancelled)
+
+    @contextlib.contextmanager
+    def _turn_of(self, cancelled: Callable[[], bool]) -> Iterator[None]:
         while not self._turn.acquire(timeout=self.poll_s):
             if cancelled():
                 raise cancelled_error()
         try:
-            return self._run(inputs, rows, on_message, cancelled)
+            yield
         finally:
             self._turn.release()
 
-    def _run(
-        self,
-        inputs: Mapping[str, Any],
-        rows: int,
-        on_message: Callable[[StepMessage], None],
-        cancelled: Callable[[], bool],
-    ) -> dict[str, Any]:
+    def _steps(self, inputs: Mapping[str, Any], rows: int, on_message: Callable[[StepMessage], None],
+               cancelled: Callable[[], bool]) -> dict[str, Any]:  # fmt: skip
         tensors = {name: value for name, value in inputs.items() if name not in PREVIEW_INPUTS}
         for step in self.plan.steps:
             if cancelled():
