@@ -96,10 +96,16 @@ class ProgressListener:
         stops the denoising at the next step."""
         self._server.settimeout(poll_s)
         while self._connection is None:
-            if cancelled() or finished():
+            if cancelled():
                 return
-            with contextlib.suppress(TimeoutError):
+            # Asked before the accept: a stage that has finished connected before it did, so its
+            # connection is in the backlog by then (a one-step request can finish within poll_s).
+            was_finished = finished()
+            try:
                 self._connection, _ = self._server.accept()
+            except TimeoutError:
+                if was_finished:
+                    return
         self._connection.settimeout(poll_s)
         reader = _FrameReader(self._connection)
         while True:
