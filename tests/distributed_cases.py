@@ -57,14 +57,18 @@ def generate_cases(model_dir: str, cases: list[dict[str, Any]]) -> list[Any]:
 
 def reference_outputs(model_dir: str, calls: list[dict[str, Any]]) -> list[Any]:
     """The plain single-process diffusers pipeline, for the same calls (seed -> CPU generator)."""
+    from diffusers import AutoPipelineForImage2Image
+
     from distrifusion.schedulers import make_scheduler
 
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    model_scheduler = pipe.scheduler
+    text_to_image = DiffusionPipeline.from_pretrained(model_dir)
+    image_to_image = AutoPipelineForImage2Image.from_pipe(text_to_image)
+    model_scheduler = text_to_image.scheduler
     outputs = []
     for call in calls:
         call = {"output_type": "latent", **call}
+        pipe = text_to_image if "image" not in call else image_to_image
+        pipe.set_progress_bar_config(disable=True)
         scheduler = call.pop("scheduler", None)
         pipe.scheduler = (
             model_scheduler if scheduler is None else make_scheduler(scheduler, model_scheduler.config)

@@ -22,6 +22,7 @@ from distributed_cases import (
     staged_all_gathers,
     step_communication,
 )
+from PIL import Image
 
 from distrifusion.launch import spawn_local
 
@@ -64,6 +65,18 @@ def call(
     }
 
 
+def image_to_image(image: object, strength: float = 0.6, scheduler: str | None = None) -> dict:
+    """An image-to-image call: the image's size is the generation's (no height and width)."""
+    request = call(scheduler=scheduler, image=image, strength=strength)
+    del request["height"], request["width"]
+    return request
+
+
+# A picture of pixels, and one given as latents (what the served VAE encoder stage hands the UNet).
+PIXELS = Image.fromarray(np.random.default_rng(3).integers(0, 256, (256, 192, 3), dtype=np.uint8))
+LATENTS = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
 def full_sync(split_batch: bool = False) -> dict:
     return {"mode": "full_sync", "split_batch": split_batch}
 
@@ -79,11 +92,13 @@ EXACT_CASES = {
         ("sdxl no guidance", "sdxl", full_sync(split_batch=True), call(guidance=1.0)),
         ("sdxl batch of 2", "sdxl", full_sync(), call(prompt=[PROMPT, "a cat"], negative_prompt=None)),
         ("sd15 pndm", "sd15", full_sync(), call()),
+        ("sdxl img2img latents dpmpp_2m", "sdxl", full_sync(), image_to_image(LATENTS, 0.5, "dpmpp_2m")),
     ],
     3: [
         ("sdxl uneven 3 bands euler_a", "sdxl", full_sync(), call(scheduler="euler_ancestral")),
         ("sd15 uneven 3 bands unipc", "sd15", full_sync(), call(scheduler="unipc")),
         ("sdxl uneven 3 bands compiled", "sdxl", {**full_sync(), "compile": CAPTURE_BACKEND}, call()),
+        ("sdxl img2img pixels euler_a", "sdxl", full_sync(), image_to_image(PIXELS, 0.6, "euler_ancestral")),
     ],
     4: [
         ("sdxl 4 bands dpmpp_2m", "sdxl", full_sync(), call(scheduler="dpmpp_2m")),

@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from .clean_latent import CleanLatentProbe
-from .config import DistriConfig, check_sampling
+from .config import ConfigError, DistriConfig, check_sampling
 from .geometry import ModelGeometry
 from .schedulers import make_scheduler
 from .step_clock import STEPS_AHEAD, StepClock, StepMark, clock_for
@@ -76,6 +76,7 @@ class DistriPipeline:
         pipe.unet = self.unet
         self.model_scheduler = pipe.scheduler
         pipe.set_progress_bar_config(disable=True)
+        self._img2img: DiffusionPipeline | None = None
         self.clock: StepClock | None = None
         """Marks where each step ends on the device (None: the UNet's device's own clock; a test may
         put a stand-in for a device that runs behind the host here)."""
@@ -120,6 +121,8 @@ class DistriPipeline:
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, StepMark], None] | None = None,
         on_progress: Callable[[StepProgress], None] | None = None,
+        image: Any = None,
+        strength: float = 0.6,
         **diffusers_kwargs: Any,
     ) -> GenerationResult | None:
         """Generates on every rank of the group; returns the result on rank 0, None elsewhere.
@@ -134,12 +137,22 @@ class DistriPipeline:
         :class:`StepProgress`; without it the scheduler is not wrapped. The host runs at most :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of
         the device, and returns once the device has run every step. Other keyword arguments go to
         the diffusers pipeline unchanged.
+
+        With ``image`` (what diffusers' image-to-image pipelines take: a PIL image, an array or
+        tensor of pixels, or latents with the UNet's channel count, already scaled) the generation
+        is image-to-image, diffusers' own (``AutoPipelineForImage2Image`` on the same components):
+        the image is noised to the step that ``strength`` selects and only the steps from there run.
+        Its size is the generation's; ``height`` and ``width``, when given, must match it.
         """
+        if image is not None:
+            height, width = self._image_size(image, height, width, strength)
         height = self.geometry.default_size if height is None else height
         width = self.geometry.default_size if width is None else width
         self.validate(height, width, num_inference_steps, guidance_scale, scheduler)
         seed = self._agreed_seed(seed)
-        self.pipe.scheduler = (
+        pipe = self.pipe if image is None else self._img2img_pipeline()
+        size = {"height": height, "width": width} if image is None else {"image": image, "strength": strength}
+        pipe.scheduler = (
             self.model_scheduler
             if scheduler is None
             else make_scheduler(scheduler, self.model_scheduler.config)
@@ -148,7 +161,7 @@ class DistriPipeline:
         queued: collections.deque[StepMark] = collections.deque()
         clock = self.clock or clock_for(self.unet.device)
         progress = on_progress if self.rank == 0 else None
-        probe = CleanLatentProbe(self.pipe.scheduler)
+        probe = CleanLatentProbe(pipe.scheduler)
 
         def after_step(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
             final["latents"] = tensors["latents"]
@@ -164,13 +177,12 @@ class DistriPipeline:
                 pipe._interrupt = True  # diffusers then skips the remaining steps
             return {}
 
-        self.unet.begin_generation(self.pipe)
+        self.unet.begin_generation(pipe)
         with probe if progress is not None else contextlib.nullcontext():
-            output = self.pipe(
+            output = pipe(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
-                height=height,
-                width=width,
+                **size,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=_generators(seed),
@@ -183,8 +195,37 @@ class DistriPipeline:
         if self.rank != 0:
             return None
         images = None if output_type == "latent" else output.images
-        interrupted = self.pipe.interrupt
+        interrupted = pipe.interrupt
         return GenerationResult(images=images, latents=final["latents"], seed=seed, interrupted=interrupted)
+
+    def _img2img_pipeline(self) -> DiffusionPipeline:
+        if self._img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def _image_size(
+        self, image: Any, height: int | None, width: int | None, strength: float
+    ) -> tuple[int, int]:
+        """The image's size in pixels (``height``, ``width``); ConfigError for a mismatch or a bad strength."""
+        if not 0 < strength <= 1:
+            raise ConfigError(f"strength: the share of the schedule to run, in (0, 1], got {strength!r}")
+        if isinstance(image, Image.Image):
+            size = (image.height, image.width)
+        else:
+            shape = tuple(image.shape)
+            channels_last = len(shape) >= 3 and shape[-1] in (1, 3, 4) and shape[-3] not in (1, 3, 4)
+            size = shape[-3:-1] if channels_last else shape[-2:]
+            if not channels_last and shape[-3] == self.pipe.unet.config.in_channels:  # latents
+                size = (size[0] * self.geometry.pixels_per_latent, size[1] * self.geometry.pixels_per_latent)
+        for name, given, actual in (("height", height, size[0]), ("width", width, size[1])):
+            if given is not None and given != actual:
+                raise ConfigError(
+                    f"{name}: {given} differs from the image's {actual} pixels; resize the image first"
+                )
+        return int(size[0]), int(size[1])
 
     def _agreed_stop(self, should_stop: Callable[[], bool]) -> bool:
         # A host tensor on the control group: on GPUs the vote neither waits behind the
