@@ -168,6 +168,15 @@ def test_the_geometry_read_from_the_configs_is_the_loaded_pipelines(
         ({"guidance_scale": math.nan}, r"guidance_scale: must be a finite number >= 0, got nan"),
         ({"guidance_scale": -1.0}, r"guidance_scale: must be a finite number >= 0"),
         ({"scheduler": "warp_drive"}, r"scheduler: unknown scheduler 'warp_drive'; allowed: ddim, euler"),
+        (
+            {"image": torch.zeros(1, 4, 32, 32), "strength": 0.0},
+            r"strength: the share of the schedule to run, in \(0, 1\], got 0.0",
+        ),
+        ({"image": torch.zeros(1, 4, 32, 32), "strength": 1.5}, r"strength: .* got 1.5"),
+        (
+            {"image": torch.zeros(1, 4, 32, 16)},
+            r"width: 256 differs from the image's 128 pixels; resize the image first",
+        ),
     ],
 )
 def test_invalid_requests_are_named(
@@ -176,6 +185,21 @@ def test_invalid_requests_are_named(
     request = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 2, **request_fields}
     with pytest.raises(ConfigError, match=message):
         single_rank_pipeline(**request)
+
+
+def test_image_to_image_runs_the_steps_strength_selects_with_the_warmup_counted_from_the_first(
+    tiny_sdxl_dir: Path,
+) -> None:
+    pipeline = DistriPipeline.from_pretrained(
+        tiny_sdxl_dir, DistriConfig(mode="corrected_async_gn", warmup_steps=1)
+    )
+    latents = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    result = pipeline(
+        prompt="a cat", image=latents, strength=0.5, num_inference_steps=8, seed=1, output_type="latent"
+    )
+    # 4 of 8 steps run: the first and one warm-up step synchronous, then the asynchronous ones.
+    assert [record.phase for record in pipeline.unet.steps] == ["warmup", "warmup", "steady", "last"]
+    assert result.latents.shape == latents.shape and not torch.equal(result.latents, latents)
 
 
 def test_one_rank_returns_images_latents_and_the_seed(single_rank_pipeline: DistriPipeline) -> None:
