@@ -134,8 +134,9 @@ class DistriPipeline:
         remaining steps together. ``on_step(step, mark)`` is called on every rank once the host has
         queued a step, with the mark that tells when the device has run it (a watchdog heartbeats
         on those). ``on_progress`` is called on rank 0 only, after ``on_step``, with the step's
-        :class:`StepProgress`; without it the scheduler is not wrapped. The host runs at most :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of
-        the device, and returns once the device has run every step. Other keyword arguments go to
+        :class:`StepProgress`; without it the scheduler is not wrapped. The host runs at most
+        :data:`~distrifusion.step_clock.STEPS_AHEAD` steps ahead of the device, and returns once the
+        device has run every step. Other keyword arguments go to
         the diffusers pipeline unchanged.
 
         With ``image`` (what diffusers' image-to-image pipelines take: a PIL image, an array or
