@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -114,7 +115,13 @@ def test_a_generation_beyond_the_free_memory_is_refused_before_any_rank_starts(
     group: UNetGroup, encoded_request: Callable[..., DenoiseRequest]
 ) -> None:
     request = encoded_request(height=160, num_inference_steps=2)
-    group.warm_up(160, 128, request.prompt_embeds.shape[1])  # a size this module's group never ran
+    # A size this module's group never ran, large enough that its growth stands out of the RSS
+    # noise: after a warm-up at 160x128 the suite once measured no growth beyond the fixed part, so
+    # every size had the same estimate and none fitted ("largest square size ...: none").
+    measured = copy.deepcopy(
+        group.memory.measured
+    )  # restored below: later tests extrapolate from smaller sizes
+    group.warm_up(384, 384, request.prompt_embeds.shape[1])
     free = group.memory.free
     budget = group.memory.estimate(2, 1024, 1024) - 1
     group.memory.free = lambda: budget
@@ -134,6 +141,7 @@ def test_a_generation_beyond_the_free_memory_is_refused_before_any_rank_starts(
         assert not group.denoise(request).interrupted
     finally:
         group.memory.free = free
+        group.memory.measured = measured
 
 
 def test_a_larger_size_is_bounded_from_a_smaller_warm_up(
