@@ -98,7 +98,11 @@ def generate(
         result = client.infer(model, build_inputs(module, **fields), outputs=outputs, **options)
     finally:
         client.close()
-    seconds = time.perf_counter() - started
+    return _outputs(result, time.perf_counter() - started)
+
+
+def _outputs(result: Any, seconds: float) -> dict:
+    """The final response's tensors, as :func:`generate` and :func:`stream` return them."""
     return {
         "images": result.as_numpy("image"),
         "seeds": result.as_numpy("used_seed").reshape(-1).tolist(),
@@ -157,12 +161,7 @@ def stream(
     finally:
         client.stop_stream()
         client.close()
-    return {
-        "images": result.as_numpy("image"),
-        "seeds": result.as_numpy("used_seed").reshape(-1).tolist(),
-        "truncated": result.as_numpy("truncated").reshape(-1).tolist(),
-        "seconds": time.perf_counter() - started,
-    }
+    return _outputs(result, time.perf_counter() - started)
 
 
 def build_parser() -> argparse.ArgumentParser:
