@@ -19,7 +19,14 @@ VAE_WHOLE = "vae_decoder_whole"
 VAE_TILE_STATISTICS = "vae_decoder_tile_statistics"
 VAE_TILES = "vae_decoder_tiles"
 VAE_ENGINES = (VAE_WHOLE, VAE_TILE_STATISTICS, VAE_TILES)
-ONNX_STAGES = (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES)
+VAE_ENCODER = "vae_encoder"
+"""The image-to-image requests' VAE stage (a Python model the UNet stage calls through BLS) that
+calls the three encoder engines."""
+VAE_ENCODER_WHOLE = "vae_encoder_whole"
+VAE_ENCODER_TILE_STATISTICS = "vae_encoder_tile_statistics"
+VAE_ENCODER_TILES = "vae_encoder_tiles"
+VAE_ENCODER_ENGINES = (VAE_ENCODER_WHOLE, VAE_ENCODER_TILE_STATISTICS, VAE_ENCODER_TILES)
+ONNX_STAGES = (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES, *VAE_ENCODER_ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,4 +91,28 @@ def vae_decoder_spec(latent_channels: int, name: str = VAE_DECODER) -> StageSpec
         name,
         inputs=(TensorSpec("latents", "float32", (latent_channels, -1, -1)),),
         outputs=(TensorSpec("image", "uint8", (-1, -1, 3)),),
+    )
+
+
+def vae_encoder_spec(latent_channels: int, name: str = VAE_ENCODER_WHOLE) -> StageSpec:
+    """``vae_encoder_whole``: float32 pixels ``[3, H, W]`` in 0..255 -> ``moments`` ``[2C, H/8, W/8]``:
+    the scaled latent posterior's mean (channels ``:C``) and standard deviation (``C:``)."""
+    return StageSpec(
+        name,
+        inputs=(TensorSpec("pixels", "float32", (3, -1, -1)),),
+        outputs=(TensorSpec("moments", "float32", (2 * latent_channels, -1, -1)),),
+    )
+
+
+def vae_encoder_stage_spec(latent_channels: int) -> StageSpec:
+    """``vae_encoder`` (the Python stage): a uint8 image ``[h, w, 3]`` of any size, resized to
+    ``height`` x ``width`` and encoded: ``moments`` as :func:`vae_encoder_spec`."""
+    return StageSpec(
+        VAE_ENCODER,
+        inputs=(
+            TensorSpec("image", "uint8", (-1, -1, 3)),
+            TensorSpec("height", "int32", (1,)),
+            TensorSpec("width", "int32", (1,)),
+        ),
+        outputs=(TensorSpec("moments", "float32", (2 * latent_channels, -1, -1)),),
     )

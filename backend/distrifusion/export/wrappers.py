@@ -9,6 +9,8 @@
   diffusers' post-processing: ``(x / 2 + 0.5).clamp(0, 1) * 255``, NHWC, rounded, as uint8. The
   cast to uint8 is the graph's last node: TensorRT's ONNX parser takes UINT8 tensors only as
   network inputs and outputs (``build_engines/tensorrt_parser_rules.json``).
+- :class:`VaeEncoderExport`: float pixels ``[B, 3, H, W]`` -> the scaled latent posterior's
+  ``moments`` ``[B, 2C, H/8, W/8]`` (mean, then standard deviation).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def latent_statistics(vae_config: Any) -> tuple[list[float], list[float]] | None
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-class VaeDecoderExport(nn.Module):
-    """Raw latents -> uint8 NHWC image, with diffusers' un-scaling and post-processing inside."""
+class _ScaledLatentsVae(nn.Module):
+    """A VAE with the latent scaling of diffusers' SDXL pipelines (``scaling_factor``, and the
+    per-channel ``latents_mean``/``latents_std`` when its config has them)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -104,7 +107,33 @@ class VaeDecoderExport(nn.Module):
             return latents * self.latents_std / self.scaling_factor + self.latents_mean
         return latents / self.scaling_factor
 
+    def scale(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's mean and standard deviation in the UNet's latent scale: what diffusers'
+        SDXL image-to-image pipeline does to a sample of it, applied to both (it is affine)."""
+        if self.has_latent_statistics:
+            factor = self.scaling_factor / self.latents_std
+            return (mean - self.latents_mean) * factor, std * factor
+        return mean * self.scaling_factor, std * self.scaling_factor
+
+
+class VaeDecoderExport(_ScaledLatentsVae):
+    """Raw latents -> uint8 NHWC image, with diffusers' un-scaling and post-processing inside."""
+
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.vae.decode(self.unscale(latents), return_dict=False)[0]
         image = ((image / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1)
         return image.round().to(torch.uint8)
+
+
+class VaeEncoderExport(_ScaledLatentsVae):
+    """Float pixels ``[B, 3, H, W]`` in 0..255 -> ``moments`` ``[B, 2C, H/8, W/8]``: the scaled
+    posterior's mean and standard deviation. diffusers' preprocessing (to -1..1) is inside; the
+    sample (mean + std x noise) is drawn by the UNet stage from the request's seed, where diffusers'
+    image-to-image pipeline draws it, so that its result is diffusers' own."""
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels / 127.5 - 1, return_dict=False)[0]
+        return posterior.mean, posterior.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.scale(*self.encode(pixels)), dim=1)

@@ -176,17 +176,22 @@ class DecodeSettings:
         weights = len(plan) * plan.tile_height * plan.tile_width * pixels * 4
         return call + image + weights
 
-    def check(self, height: int, width: int) -> bool:
-        """True to decode whole, False in tiles; raises :class:`DecodeTooLarge` when neither fits."""
+    def check(self, height: int, width: int, stage: str = "vae_decoder") -> bool:
+        """True to decode whole, False in tiles; raises :class:`DecodeTooLarge` when neither fits.
+
+        The encoder stage checks its images with the decoder's estimate too: its levels have the
+        decoder's channel widths with fewer layers, its largest tensor (SDXL: 128 channels at full
+        resolution) half the decoder's (256), so the estimate bounds it."""
         if self.decodes_whole(height, width):
             return True
         if self.tiled_bytes(height, width) <= self.memory_budget_bytes:
             return False
         scale = self.footprint.scale_factor
         side = _largest_tiled_side(self)
+        verb = "encode" if stage == "vae_encoder" else "decode"
         raise DecodeTooLarge(
-            f"vae_decoder: a {width * scale}x{height * scale} image needs about "
-            f"{_gib(self.tiled_bytes(height, width))} to decode even in tiles, over this stage's budget of "
+            f"{stage}: a {width * scale}x{height * scale} image needs about "
+            f"{_gib(self.tiled_bytes(height, width))} to {verb} even in tiles, over this stage's budget of "
             f"{_gib(self.memory_budget_bytes)}; the largest square image that fits is {side * scale}x{side * scale}"
         )
 
@@ -269,41 +274,18 @@ class DecodeRecord:
         return "tiled" if self.tiles else "whole"
 
 
-class VaeDecoder:
-    def __init__(self, settings: DecodeSettings, run: Engine) -> None:
+class TiledEngines:
+    """Calls of one whole-image engine and its two tile engines (:mod:`.export`), as a stage makes
+    them: outputs brought to the input's device, tiles in calls of ``tiles_per_call``."""
+
+    def __init__(self, settings: DecodeSettings, run: Engine, norm_layers: int) -> None:
         self.settings = settings
         self.run = run
+        self.norm_layers = norm_layers
 
-    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, DecodeRecord]:
-        """``[C, h, w]`` raw final latents -> ``[8h, 8w, 3]`` uint8 image, and how it was decoded."""
-        started = time.perf_counter()
-        height, width = latents.shape[-2:]
-        if self.settings.check(height, width):
-            image = self._run(WHOLE_ENGINE, {"latents": latents[None].contiguous()}, latents.device)[0]
-            return image, DecodeRecord(height, width, 0, 1, time.perf_counter() - started)
-        plan = self.settings.plan(height, width)
-        chunks = [
-            range(start, min(start + self.settings.tiles_per_call, len(plan)))
-            for start in range(0, len(plan), self.settings.tiles_per_call)
-        ]
-        calls = 0
-        statistics = None
-        if self.settings.image_statistics > 0:
-            sums = []
-            for chunk in chunks:
-                weights = torch.from_numpy(plan.latent_weights(chunk)).to(latents.device)
-                inputs = {"latents": plan.crop(latents, chunk).contiguous(), "weights": weights}
-                sums.append(self._run(TILE_STATISTICS_ENGINE, inputs, latents.device))
-                calls += 1
-            statistics = image_statistics(torch.cat(sums), self.settings.image_statistics)
-        image = plan.empty_image(latents.device)
-        for chunk in chunks:
-            tiles = plan.crop(latents, chunk).contiguous()
-            inputs = {"latents": tiles, "statistics": self._statistics_for(statistics, tiles)}
-            plan.blend_into(image, chunk, self._run(TILE_ENGINE, inputs, latents.device))
-            calls += 1
-        pixels = image.round_().clamp_(0, 255).to(torch.uint8)
-        return pixels, DecodeRecord(height, width, len(plan), calls, time.perf_counter() - started)
+    def chunks(self, plan: TilePlan) -> list[range]:
+        per_call = self.settings.tiles_per_call
+        return [range(start, min(start + per_call, len(plan))) for start in range(0, len(plan), per_call)]
 
     def _run(self, engine: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """The engine's output on ``device``."""
@@ -315,12 +297,54 @@ class VaeDecoder:
         except (NotImplementedError, RuntimeError) as error:
             raise EngineOutputError(
                 f"{engine} returned its output on {output.device}, which cannot be copied to {device} "
-                f"where the decode runs ({error})"
+                f"where the {type(self).__name__} runs ({error})"
             ) from None
 
-    def _statistics_for(self, statistics: torch.Tensor | None, tiles: torch.Tensor) -> torch.Tensor:
+    def shared_statistics(
+        self, engine: str, input_name: str, tiles: Callable[[range], torch.Tensor], plan: TilePlan
+    ) -> torch.Tensor | None:
+        """The record pass over the tiles of ``plan`` (``tiles(chunk)`` crops them): the image's
+        GroupNorm statistics, or None when each tile keeps its own."""
+        if self.settings.image_statistics == 0:
+            return None
+        sums = []
+        for chunk in self.chunks(plan):
+            inputs = tiles(chunk)
+            weights = torch.from_numpy(plan.latent_weights(chunk)).to(inputs.device)
+            sums.append(self._run(engine, {input_name: inputs, "weights": weights}, inputs.device))
+        return image_statistics(torch.cat(sums), self.settings.image_statistics)
+
+    def statistics_for(self, statistics: torch.Tensor | None, tiles: torch.Tensor) -> torch.Tensor:
         """The image's statistics for every tile of a call; a share of 0 (each tile its own) without."""
-        footprint = self.settings.footprint
         if statistics is None:
-            statistics = torch.zeros(footprint.norm_layers, footprint.norm_groups, 3, device=tiles.device)
+            groups = self.settings.footprint.norm_groups
+            statistics = torch.zeros(self.norm_layers, groups, 3, device=tiles.device)
         return statistics[None].expand(tiles.shape[0], -1, -1, -1).contiguous()
+
+
+class VaeDecoder(TiledEngines):
+    def __init__(self, settings: DecodeSettings, run: Engine) -> None:
+        super().__init__(settings, run, settings.footprint.norm_layers)
+
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, DecodeRecord]:
+        """``[C, h, w]`` raw final latents -> ``[8h, 8w, 3]`` uint8 image, and how it was decoded."""
+        started = time.perf_counter()
+        height, width = latents.shape[-2:]
+        if self.settings.check(height, width):
+            image = self._run(WHOLE_ENGINE, {"latents": latents[None].contiguous()}, latents.device)[0]
+            return image, DecodeRecord(height, width, 0, 1, time.perf_counter() - started)
+        plan = self.settings.plan(height, width)
+        chunks = self.chunks(plan)
+
+        def tiles(chunk: range) -> torch.Tensor:
+            return plan.crop(latents, chunk).contiguous()
+
+        statistics = self.shared_statistics(TILE_STATISTICS_ENGINE, "latents", tiles, plan)
+        image = plan.empty_image(latents.device)
+        for chunk in chunks:
+            inputs = {"latents": tiles(chunk)}
+            inputs["statistics"] = self.statistics_for(statistics, inputs["latents"])
+            plan.blend_into(image, chunk, self._run(TILE_ENGINE, inputs, latents.device))
+        calls = len(chunks) * (2 if statistics is not None else 1)
+        pixels = image.round_().clamp_(0, 255).to(torch.uint8)
+        return pixels, DecodeRecord(height, width, len(plan), calls, time.perf_counter() - started)

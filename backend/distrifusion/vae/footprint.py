@@ -49,6 +49,8 @@ class DecoderFootprint:
     norm_layers: int
     """GroupNorm layers of the decoder, in the order a forward pass runs them."""
     norm_groups: int
+    encoder_norm_layers: int
+    """GroupNorm layers of the encoder (its tiles share statistics as the decoder's do)."""
     bytes_per_element: int = 4
     """The decoder runs in fp32 (SDXL's VAE overflows in fp16)."""
 
@@ -66,12 +68,15 @@ class DecoderFootprint:
         # conv_norm_out, two mid-block resnets (two norms each), the attention's own norm, and two
         # norms per resnet of every up block.
         norms = 1 + 4 + int(attention) + 2 * layers * len(channels)
+        # The encoder's down blocks have layers_per_block resnets; the rest as the decoder's.
+        encoder_norms = 1 + 4 + int(attention) + 2 * (layers - 1) * len(channels)
         return cls(
             scale_factor=2 ** (len(channels) - 1),
             largest_elements_per_latent_pixel=widest,
             attention_heads=1 if attention else 0,  # the VAE's attention is one head of all channels
             norm_layers=norms,
             norm_groups=int(config.get("norm_num_groups", 32)),
+            encoder_norm_layers=encoder_norms,
         )
 
     def largest_tensor_elements(self, batch: int, latent_height: int, latent_width: int) -> int:

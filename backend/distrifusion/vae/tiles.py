@@ -83,12 +83,14 @@ class TilePlan:
     def __len__(self) -> int:
         return len(self.rows) * len(self.columns)
 
-    def crop(self, latents: torch.Tensor, indices: range) -> torch.Tensor:
-        """``[C, h, w]`` -> ``[len(indices), C, tile_height, tile_width]``."""
+    def crop(self, latents: torch.Tensor, indices: range, scale: int = 1) -> torch.Tensor:
+        """``[C, h, w]`` -> ``[len(indices), C, tile_height, tile_width]``; with ``scale`` (the
+        plan's), an image ``[C, H, W]`` -> its tiles ``[len(indices), C, H', W']`` (for an encode)."""
         origins = self.origins
+        height, width = self.tile_height * scale, self.tile_width * scale
         return torch.stack(
             [
-                latents[:, row : row + self.tile_height, column : column + self.tile_width]
+                latents[:, row * scale : row * scale + height, column * scale : column * scale + width]
                 for row, column in (origins[index] for index in indices)
             ]
         )
@@ -127,6 +129,15 @@ class TilePlan:
             slice(row * scale, (row + self.tile_height) * scale),
             slice(column * scale, (column + self.tile_width) * scale),
         )
+
+    def blend_latents_into(self, latents: torch.Tensor, indices: range, tiles: torch.Tensor) -> None:
+        """Adds encoded tiles ``indices`` (``[n, C, th, tw]``), weighted by :meth:`latent_weights`
+        (which sum to one at every latent pixel, as the pixel weights they average do), to
+        ``latents`` ``[C, h, w]`` (zeros); complete once every tile was added."""
+        weights = torch.from_numpy(self.latent_weights(indices)).to(tiles.device)
+        for index, tile, weight in zip(indices, tiles, weights, strict=True):
+            row, column = self.origins[index]
+            latents[:, row : row + self.tile_height, column : column + self.tile_width] += tile * weight
 
     def empty_image(self, device: torch.device, channels: int = 3) -> torch.Tensor:
         scale = self.scale
