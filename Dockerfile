@@ -126,6 +126,10 @@ CMD ["tritonserver", \
      "--load-model=vae_decoder_whole", \
      "--load-model=vae_decoder_tile_statistics", \
      "--load-model=vae_decoder_tiles", \
+     "--load-model=vae_encoder", \
+     "--load-model=vae_encoder_whole", \
+     "--load-model=vae_encoder_tile_statistics", \
+     "--load-model=vae_encoder_tiles", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \
@@ -169,6 +173,10 @@ CMD ["tritonserver", \
      "--load-model=vae_decoder_whole", \
      "--load-model=vae_decoder_tile_statistics", \
      "--load-model=vae_decoder_tiles", \
+     "--load-model=vae_encoder", \
+     "--load-model=vae_encoder_whole", \
+     "--load-model=vae_encoder_tile_statistics", \
+     "--load-model=vae_encoder_tiles", \
      "--strict-readiness=true", \
      "--exit-on-error=true", \
      "--http-port=8000", \

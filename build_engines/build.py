@@ -556,6 +556,8 @@ def _build(
     from distrifusion.export import (
         ONNX_STAGES,
         VAE_DECODER,
+        VAE_ENCODER,
+        VAE_ENCODER_ENGINES,
         VAE_ENGINES,
         VAE_TILE_STATISTICS,
         VAE_TILES,
@@ -567,7 +569,10 @@ def _build(
         text_encoder_cases,
         vae_decoder_cases,
         vae_decoder_spec,
+        vae_encoder_cases,
+        vae_encoder_stage_spec,
     )
+    from distrifusion.export.specs import VAE_ENCODER_TILE_STATISTICS, VAE_ENCODER_TILES, VAE_ENCODER_WHOLE
     from distrifusion.serving.health import GATE
     from distrifusion.serving.stage_config import MODEL_DIRECTORY
     from distrifusion.serving.tokenize import SDXLTokenizers
@@ -630,7 +635,7 @@ def _build(
             spec = modules[name][1]
             profiles[name] = (
                 trt_build.vae_engine_profile(spec, vae_settings, unet_stage.requests, resolutions)
-                if name in VAE_ENGINES
+                if name in VAE_ENGINES or name in VAE_ENCODER_ENGINES
                 else trt_build.encoder_profile(spec, batch_sizes)
             )
     with progress.stage(
@@ -643,12 +648,15 @@ def _build(
                 example = vae_decoder_cases(channels, [(2, 16, 16)], seed=1, module=module)[0]
                 # Batch 2 and 1, two latent sizes (one not square): the dynamic axes are exercised.
                 cases = vae_decoder_cases(channels, [(2, 16, 16), (1, 24, 16)], seed=2, module=module)
+            elif name in VAE_ENCODER_ENGINES:
+                example = vae_encoder_cases([(2, 128, 128)], seed=1, module=module)[0]
+                cases = vae_encoder_cases([(2, 128, 128), (1, 192, 128)], seed=2, module=module)
             else:
                 example = {"input_ids": ids[name][:2]}
                 cases = text_encoder_cases(ids[name])
             folder = (onnx_dir / name) if onnx_dir is not None else (repo / name / "1")
             # ONNX Runtime runs the VAE's attention fused; TensorRT's parser knows no com.microsoft op.
-            fused = args.target == "cpu" and name in VAE_ENGINES
+            fused = args.target == "cpu" and (name in VAE_ENGINES or name in VAE_ENCODER_ENGINES)
             exported = export_stage(
                 module, spec, folder / "model.onnx", example, opset=args.opset, fused_attention=fused
             )
@@ -737,6 +745,11 @@ def _build(
         vae_settings.save(repo / VAE_DECODER / "1")
         progress.log(f"{VAE_DECODER}/1/vae_decode.json: {json.dumps(vae_settings.to_dict())}")
         manifest["stages"][VAE_DECODER] = {"decode_settings": vae_settings.to_dict()}
+        # Image-to-image's VAE stage encodes whole and in tiles where the decoder would decode.
+        (repo / VAE_ENCODER / "1").mkdir(parents=True)
+        shutil.copy2(templates / VAE_ENCODER / "1" / "model.py", repo / VAE_ENCODER / "1" / "model.py")
+        shutil.copy2(templates / TRITON_GLUE, repo / VAE_ENCODER / "1" / TRITON_GLUE)
+        vae_settings.save(repo / VAE_ENCODER / "1")
         (repo / ENSEMBLE / "1").mkdir(parents=True)
         # Loaded only by the supervisor, while some part of the server is broken.
         shutil.copytree(templates / GATE, repo / GATE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -753,6 +766,8 @@ def _build(
         shutil.copy2(templates / TRITON_GLUE, repo / UNET / "1" / TRITON_GLUE)
         summary = copy_unet_model(model_dir, repo / UNET / "1" / MODEL_DIRECTORY, variant=args.variant)
         written = unet_stage.save(repo / UNET / "1")
+        # The stage refuses an image-to-image request the VAE stages could not run, before any work.
+        vae_settings.save(repo / UNET / "1")
         latent_map = _latent_map(model_dir / "vae")
         if latent_map is None:
             progress.log("no latent-to-RGB map for this VAE: sdxl_stream streams progress without previews")
@@ -773,6 +788,9 @@ def _build(
             VAE_WHOLE: 1,
             VAE_TILE_STATISTICS: vae_settings.tiles_per_call,
             VAE_TILES: vae_settings.tiles_per_call,
+            VAE_ENCODER_WHOLE: 1,
+            VAE_ENCODER_TILE_STATISTICS: vae_settings.tiles_per_call,
+            VAE_ENCODER_TILES: vae_settings.tiles_per_call,
         }
         for name in ONNX_STAGES:
             spec = modules[name][1]
@@ -793,6 +811,14 @@ def _build(
             "KIND_CPU",
         )
         write_config(repo / VAE_DECODER, msg, generated.format(name=VAE_DECODER))
+        msg = stage_config(
+            load_template(templates, VAE_ENCODER),
+            vae_encoder_stage_spec(modules[VAE_WHOLE][1].inputs[0].dims[0]),
+            max_batch,
+            None,
+            "KIND_CPU",
+        )
+        write_config(repo / VAE_ENCODER, msg, generated.format(name=VAE_ENCODER))
         msg = stage_config(
             load_template(templates, TOKENIZER),
             tokenizer_spec(tokenizers.max_length),

@@ -6,10 +6,12 @@ Layout written (both targets)::
     <repo>/tokenizer/config.pbtxt, 1/model.py, 1/tokenizer/, 1/tokenizer_2/
     <repo>/text_encoder/config.pbtxt, 1/...            gpu: 1/model.plan (+ model.plan.json)
     <repo>/text_encoder_2/config.pbtxt, 1/...          cpu: 1/model.py + 1/model.onnx
-    <repo>/vae_decoder/config.pbtxt, 1/...
+    <repo>/vae_decoder/config.pbtxt, 1/...             (and its engines vae_decoder_whole, ..._tile_statistics, ..._tiles)
+    <repo>/vae_encoder/config.pbtxt, 1/...             image-to-image, called by unet (and its three engines)
     <repo>/unet/config.pbtxt, 1/model.py (and whatever else model_repository/unet/ holds),
           1/stage_config.json  the stage's settings (distrifusion.serving.stage_config)
-          1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/
+          1/model/  diffusers-format: model_index.json (only unet and scheduler), unet/, scheduler/,
+                    vae/config.json (the latent scaling, no weights)
           1/model/latent_rgb.json  the latent-to-RGB map for step previews (when the VAE has one)
     <repo>/sdxl_stream/config.pbtxt, 1/model.py, 1/ensemble_steps.json   decoupled, the ensemble's
           steps through BLS with step progress and previews (distrifusion.serving.stream)
@@ -32,9 +34,11 @@ from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInsta
 
 from distrifusion.config import ConfigError
 from distrifusion.export import StageSpec, TensorSpec
+from distrifusion.latent_space import VAE_CONFIG as LATENT_SPACE_CONFIG
 from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, StageConfig
 from distrifusion.serving.stream import PLAN_FILE, PREVIEW_INPUTS, EnsembleStep, StreamPlan
 from distrifusion.serving.tokenize import OUTPUT_NAMES as TOKENIZER_OUTPUTS
+from distrifusion.serving.unet_stage import IMAGE_INPUTS as UNET_IMAGE_INPUTS
 from distrifusion.serving.unet_stage import OPTIONAL_INPUTS as UNET_OPTIONAL_INPUTS
 from distrifusion.serving.unet_stage import OUTPUTS as UNET_OUTPUTS
 from distrifusion.serving.unet_stage import REQUIRED_INPUTS as UNET_REQUIRED_INPUTS
@@ -73,6 +77,9 @@ REQUEST_OPTIONS = (
     TensorSpec("guidance_scale", "float32", (1,)),
     TensorSpec("seed", "int64", (1,)),
     TensorSpec("scheduler", "bytes", (1,)),
+    TensorSpec("input_image", "uint8", (-1, -1, 3)),
+    TensorSpec("strength", "float32", (1,)),
+    TensorSpec("first_pass_size", "int32", (2,)),
 )
 
 
@@ -219,7 +226,9 @@ def unet_config(template: ModelConfig, max_batch_size: int, instances: int, queu
     inputs = _tensors(msg.input)
     outputs = _tensors(msg.output)
     missing = [
-        n for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS, *UNET_STREAM_INPUTS) if n not in inputs
+        n
+        for n in (*UNET_REQUIRED_INPUTS, *UNET_OPTIONAL_INPUTS, *UNET_IMAGE_INPUTS, *UNET_STREAM_INPUTS)
+        if n not in inputs
     ]
     missing += [f"output {n}" for n in UNET_OUTPUTS if n not in outputs]
     if missing:
@@ -464,6 +473,10 @@ def copy_unet_model(model_dir: Path, dest: Path, variant: str | None = None) -> 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "model_index.json").write_text(json.dumps(restricted, indent=2) + "\n")
     shutil.copytree(model_dir / "scheduler", dest / "scheduler")
+    # Its config only (distrifusion.latent_space): image-to-image reads the latent scaling.
+    if (model_dir / LATENT_SPACE_CONFIG).is_file():
+        (dest / LATENT_SPACE_CONFIG).parent.mkdir()
+        shutil.copy2(model_dir / LATENT_SPACE_CONFIG, dest / LATENT_SPACE_CONFIG)
 
     source = model_dir / "unet"
     files = [p for p in sorted(source.iterdir()) if p.is_file()]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from distrifusion.export import TEXT_ENCODER, TEXT_ENCODER_2, VAE_ENGINES, VAE_WHOLE, StageSpec
+from distrifusion.export.specs import VAE_ENCODER_ENGINES, VAE_ENCODER_WHOLE
 
 PLAN_NAME = "model.plan"
 SIDECAR_NAME = "model.plan.json"
@@ -96,10 +97,12 @@ def vae_engine_profile(
     """The profile of one VAE engine (:class:`~distrifusion.vae.decode.DecodeSettings`): the whole
     engine takes one latent from the smallest accepted size up to the largest that decodes whole
     (opt: the first of ``resolutions``, (width, height) px); the tile engines take up to
-    ``tiles_per_call`` tiles up to a tile's size. Inputs of fixed dims (GroupNorm statistics) keep them."""
+    ``tiles_per_call`` tiles up to a tile's size. Inputs of fixed dims (GroupNorm statistics) keep them.
+    The encoder's engines (``pixels`` in, at ``scale`` image pixels per latent pixel) take the same
+    sizes as the decoder's: the stage encodes whole and in tiles where the decoder would."""
     scale = settings.footprint.scale_factor
     smallest = (requests.min_height // scale or 1, requests.min_width // scale or 1)
-    if spec.name == VAE_WHOLE:
+    if spec.name in (VAE_WHOLE, VAE_ENCODER_WHOLE):
         largest = settings.whole_max_latent
         opt_w, opt_h = resolutions[0]
         opt = (min(opt_h // scale, largest[0]), min(opt_w // scale, largest[1]))
@@ -112,9 +115,11 @@ def vae_engine_profile(
     shapes = {}
     for tensor in spec.inputs:
         if tensor.dims[-2:] == (-1, -1):
+            factor = scale if tensor.name == "pixels" else 1
             sizes = (smallest, opt, largest)
             shapes[tensor.name] = tuple(
-                (batch, *tensor.dims[:-2], *size) for batch, size in zip(batches, sizes, strict=True)
+                (batch, *tensor.dims[:-2], size[0] * factor, size[1] * factor)
+                for batch, size in zip(batches, sizes, strict=True)
             )
         else:
             shapes[tensor.name] = tuple((batch, *tensor.dims) for batch in batches)
@@ -204,9 +209,9 @@ def build_engine(
 
 
 def stage_precision(stage: str) -> bool:
-    """True for fp16 engines (the text encoders), False for fp32+TF32 (the VAE decoder)."""
+    """True for fp16 engines (the text encoders), False for fp32+TF32 (the VAE's)."""
     if stage in (TEXT_ENCODER, TEXT_ENCODER_2):
         return True
-    if stage in VAE_ENGINES:
+    if stage in VAE_ENGINES or stage in VAE_ENCODER_ENGINES:
         return False
     raise KeyError(stage)

@@ -81,3 +81,25 @@ class Metrics:
                 series.set(observation.value)
             else:
                 series.observe(observation.value)
+
+
+class ModelCallError(RuntimeError):
+    """A model called through BLS answered with an error."""
+
+
+def call_model(model: str, inputs: dict, output: str):  # -> torch.Tensor
+    """``model``'s output ``output`` for ``inputs`` (name -> torch tensor), through BLS, in CPU
+    memory: a BLS output otherwise stays on the device its model produced it on (a TensorRT
+    engine's GPU; python_backend README, "Business Logic Scripting")."""
+    import torch
+
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        requested_output_names=[output],
+        inputs=[pb_utils.Tensor.from_dlpack(name, tensor.contiguous()) for name, tensor in inputs.items()],
+        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+    )
+    response = request.exec()
+    if response.has_error():
+        raise ModelCallError(f"{model}: {response.error().message()}")
+    return torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, output).to_dlpack())

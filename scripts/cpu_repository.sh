@@ -15,7 +15,7 @@ repository=build/model_repository_cpu
 # estimates scaled from it). Images over 1024 x 1024 decode in tiles of 512 x 512, the path high
 # resolutions take on GPUs, which keeps each VAE stub under 2 GiB beside the UNet ranks.
 stamp_value=$( (find model_repository build_engines backend/distrifusion/export backend/distrifusion/vae \
-  backend/distrifusion/serving/stream.py \
+  backend/distrifusion/serving/stream.py backend/distrifusion/serving/unet_stage.py \
   -type f \( -name '*.py' -o -name '*.pbtxt' \) -not -path '*/__pycache__/*'; find "$model_dir" -type f) |
   LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
 stamp_file=$repository/.build-stamp

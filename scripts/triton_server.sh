@@ -41,13 +41,16 @@ export HF_HUB_OFFLINE=1
 # Under the supervisor (distrifusion.serving.supervisor), as in the production image: it restricts
 # the model-control APIs to the operator's key, reloads dead Python-backend stubs and holds
 # readiness false while any served model is not ready, which needs the model-control API (explicit mode; the ensemble loads its composing models, and the VAE engines
-# that its vae_decoder stage calls through BLS are named here).
+# that its vae_decoder stage calls through BLS are named here, as are vae_encoder and its engines,
+# which the unet stage calls for image-to-image requests).
 "$python" -m distrifusion.serving.operator_key create
 exec "$python" -m distrifusion.serving.supervisor --metrics-port="${SUPERVISOR_METRICS_PORT:-8003}" \
   -- "$server/bin/tritonserver" \
   --model-repository="$(realpath "$repository")" \
   --model-control-mode=explicit --load-model=sdxl --load-model=sdxl_stream \
   --load-model=vae_decoder_whole --load-model=vae_decoder_tile_statistics --load-model=vae_decoder_tiles \
+  --load-model=vae_encoder --load-model=vae_encoder_whole --load-model=vae_encoder_tile_statistics \
+  --load-model=vae_encoder_tiles \
   --backend-directory="$(realpath "$server/backends")" \
   --http-port="${HTTP_PORT:-8000}" --grpc-port="${GRPC_PORT:-8001}" --metrics-port="${METRICS_PORT:-8002}" \
   --allow-metrics=true \

@@ -22,6 +22,7 @@ from PIL import Image
 from .clean_latent import CleanLatentProbe
 from .config import ConfigError, DistriConfig, check_sampling
 from .geometry import ModelGeometry
+from .latent_space import LatentPosterior
 from .schedulers import make_scheduler
 from .step_clock import STEPS_AHEAD, StepClock, StepMark, clock_for
 from .topology import Topology
@@ -140,7 +141,8 @@ class DistriPipeline:
         the diffusers pipeline unchanged.
 
         With ``image`` (what diffusers' image-to-image pipelines take: a PIL image, an array or
-        tensor of pixels, or latents with the UNet's channel count, already scaled) the generation
+        tensor of pixels, or latents with the UNet's channel count, already scaled; or a
+        :class:`~distrifusion.latent_space.LatentPosterior`, sampled from the seed first) the generation
         is image-to-image, diffusers' own (``AutoPipelineForImage2Image`` on the same components):
         the image is noised to the step that ``strength`` selects and only the steps from there run.
         Its size is the generation's; ``height`` and ``width``, when given, must match it.
@@ -151,6 +153,9 @@ class DistriPipeline:
         width = self.geometry.default_size if width is None else width
         self.validate(height, width, num_inference_steps, guidance_scale, scheduler)
         seed = self._agreed_seed(seed)
+        generator = _generators(seed)
+        if isinstance(image, LatentPosterior):
+            image = image.sample(generator)
         pipe = self.pipe if image is None else self._img2img_pipeline()
         size = {"height": height, "width": width} if image is None else {"image": image, "strength": strength}
         pipe.scheduler = (
@@ -186,7 +191,7 @@ class DistriPipeline:
                 **size,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=_generators(seed),
+                generator=generator,
                 output_type=output_type if self.rank == 0 else "latent",
                 callback_on_step_end=after_step,
                 **diffusers_kwargs,
@@ -198,6 +203,22 @@ class DistriPipeline:
         images = None if output_type == "latent" else output.images
         interrupted = pipe.interrupt
         return GenerationResult(images=images, latents=final["latents"], seed=seed, interrupted=interrupted)
+
+    def steps_run(
+        self, num_inference_steps: int, scheduler: str | None, strength: float | None = None
+    ) -> int:
+        """The UNet evaluations a generation runs (:attr:`StepProgress.total`); with ``strength``,
+        an image-to-image one's: diffusers' ``get_timesteps`` keeps the last
+        ``int(num_inference_steps * strength)`` steps of the schedule."""
+        config = self.model_scheduler.config
+        schedule = (
+            make_scheduler(scheduler, config) if scheduler else type(self.model_scheduler).from_config(config)
+        )
+        schedule.set_timesteps(num_inference_steps)
+        if strength is None:
+            return len(schedule.timesteps)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        return len(schedule.timesteps[(num_inference_steps - kept) * schedule.order :])
 
     def _img2img_pipeline(self) -> DiffusionPipeline:
         if self._img2img is None:
@@ -215,6 +236,9 @@ class DistriPipeline:
             raise ConfigError(f"strength: the share of the schedule to run, in (0, 1], got {strength!r}")
         if isinstance(image, Image.Image):
             size = (image.height, image.width)
+        elif isinstance(image, LatentPosterior):
+            latent = image.moments.shape[-2:]
+            size = (latent[0] * self.geometry.pixels_per_latent, latent[1] * self.geometry.pixels_per_latent)
         else:
             shape = tuple(image.shape)
             channels_last = len(shape) >= 3 and shape[-1] in (1, 3, 4) and shape[-3] not in (1, 3, 4)

@@ -1,4 +1,5 @@
-"""ONNX export of the SDXL stages that are served outside the UNet: both text encoders, the VAE decoder.
+"""ONNX export of the SDXL stages that are served outside the UNet: both text encoders, the VAE
+decoder and encoder.
 
 ``wrappers``: the torch modules that are exported; ``specs``: the tensor contract (names, types,
 dims); ``onnx_export``: export, ONNX Runtime check against PyTorch. No Triton imports here: the
@@ -17,6 +18,7 @@ from .onnx_export import (
     stage_modules,
     text_encoder_cases,
     vae_decoder_cases,
+    vae_encoder_cases,
     verify_onnx_io,
 )
 from .specs import (
@@ -24,6 +26,8 @@ from .specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     VAE_DECODER,
+    VAE_ENCODER,
+    VAE_ENCODER_ENGINES,
     VAE_ENGINES,
     VAE_TILE_STATISTICS,
     VAE_TILES,
@@ -33,8 +37,10 @@ from .specs import (
     text_encoder_2_spec,
     text_encoder_spec,
     vae_decoder_spec,
+    vae_encoder_spec,
+    vae_encoder_stage_spec,
 )
-from .wrappers import ExportError, TextEncoderExport, VaeDecoderExport, latent_statistics
+from .wrappers import ExportError, TextEncoderExport, VaeDecoderExport, VaeEncoderExport, latent_statistics
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -42,6 +48,8 @@ __all__ = [
     "TEXT_ENCODER",
     "TEXT_ENCODER_2",
     "VAE_DECODER",
+    "VAE_ENCODER",
+    "VAE_ENCODER_ENGINES",
     "VAE_ENGINES",
     "VAE_TILES",
     "VAE_TILE_STATISTICS",
@@ -53,6 +61,7 @@ __all__ = [
     "TensorSpec",
     "TextEncoderExport",
     "VaeDecoderExport",
+    "VaeEncoderExport",
     "check_stage",
     "export_stage",
     "latent_statistics",
@@ -65,5 +74,8 @@ __all__ = [
     "text_encoder_spec",
     "vae_decoder_cases",
     "vae_decoder_spec",
+    "vae_encoder_cases",
+    "vae_encoder_spec",
+    "vae_encoder_stage_spec",
     "verify_onnx_io",
 ]

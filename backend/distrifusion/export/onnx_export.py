@@ -25,21 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
 from .attention import fused_attention_export
 from .specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     VAE_DECODER,
-    VAE_TILE_STATISTICS,
-    VAE_TILES,
+    VAE_ENCODER_WHOLE,
     VAE_WHOLE,
     StageSpec,
     text_encoder_2_spec,
     text_encoder_spec,
     vae_decoder_spec,
+    vae_encoder_spec,
 )
-from .wrappers import ExportError, TextEncoderExport, VaeDecoderExport
+from .wrappers import ExportError, TextEncoderExport, VaeDecoderExport, VaeEncoderExport
 
 DEFAULT_OPSET = 17
 # Below protobuf's hard 2 GiB limit, with room for the graph itself.
@@ -137,16 +138,27 @@ def stage_modules(components: Mapping[str, nn.Module]) -> dict[str, tuple[nn.Mod
 
 
 def vae_stage_modules(vae: nn.Module) -> dict[str, tuple[nn.Module, StageSpec]]:
-    """The three VAE engines' export wrappers and specs: whole latent, tile statistics, tiles."""
-    from ..vae.export import TileDecoderExport, TileStatisticsExport  # imports this package
+    """The six VAE engines' export wrappers and specs: the decoder's and the encoder's whole-image,
+    tile statistics and tile engines."""
+    from ..vae.export import (  # imports this package
+        TileDecoderExport,
+        TileEncoderExport,
+        TileEncoderStatisticsExport,
+        TileStatisticsExport,
+    )
 
     whole = VaeDecoderExport(vae)
-    statistics = TileStatisticsExport(vae)
-    tiles = TileDecoderExport(vae)
+    encoder = VaeEncoderExport(vae)
+    modules = [
+        TileStatisticsExport(vae),
+        TileDecoderExport(vae),
+        TileEncoderStatisticsExport(vae),
+        TileEncoderExport(vae),
+    ]
     return {
         VAE_WHOLE: (whole.eval(), vae_decoder_spec(whole.latent_channels, VAE_WHOLE)),
-        VAE_TILE_STATISTICS: (statistics.eval(), statistics.spec()),
-        VAE_TILES: (tiles.eval(), tiles.spec()),
+        VAE_ENCODER_WHOLE: (encoder.eval(), vae_encoder_spec(encoder.latent_channels)),
+        **{module.spec().name: (module.eval(), module.spec()) for module in modules},
     }
 
 
@@ -353,6 +365,23 @@ def text_encoder_cases(input_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Check cases for a text encoder: the whole batch, then its first row alone (batch 1)."""
     input_ids = np.asarray(input_ids, dtype=np.int32)
     return [{"input_ids": input_ids}, {"input_ids": input_ids[:1]}]
+
+
+def vae_encoder_cases(
+    sizes: Sequence[tuple[int, int, int]], seed: int = 0, module: nn.Module | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Random pictures ``(batch, H, W)`` per case: float pixels in 0..255, smooth (a random field
+    upsampled, as pictures are) with pixel noise, and for a tile engine (``module``) its other inputs."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for batch, height, width in sizes:
+        coarse = torch.from_numpy(rng.uniform(0, 255, (batch, 3, max(1, height // 8), max(1, width // 8))))
+        smooth = functional.interpolate(coarse, size=(height, width), mode="bilinear").numpy()
+        pixels = (smooth + rng.normal(0, 8, smooth.shape)).clip(0, 255).astype(np.float32)
+        cases.append({"pixels": pixels})
+    if module is None or not hasattr(module, "example_inputs"):
+        return cases
+    return [module.example_inputs(case["pixels"], seed + index) for index, case in enumerate(cases)]
 
 
 def vae_decoder_cases(

@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..config import DistriConfig
+from ..latent_space import LatentPosterior, LatentSpace
 from ..pipeline import DistriPipeline, StepProgress
 from ..step_clock import StepMark
 
@@ -36,6 +37,11 @@ class DenoiseRequest:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None = None
+    image_moments: torch.Tensor | None = None
+    """Image-to-image: ``[batch, 2C, height / 8, width / 8]``, each image's scaled VAE posterior
+    (:class:`~distrifusion.latent_space.LatentPosterior`); None: text-to-image."""
+    strength: float = 1.0
+    """Image-to-image: the share of the schedule that runs."""
     compile_new_shape: bool = False
     """With a compiled engine: compile this size if it has not run compiled yet (the warm-up).
     Otherwise a size that was not warmed up runs eager: a compile takes minutes (the tiny UNet's
@@ -53,6 +59,9 @@ def load_unet_pipeline(model_directory: str, config: DistriConfig, device: torch
     """The diffusers pipeline with only its UNet and scheduler, patch-parallel, on ``device``."""
     skipped = dict.fromkeys(_SKIPPED_COMPONENTS)
     pipe = DiffusionPipeline.from_pretrained(model_directory, dtype=config.torch_dtype, **skipped)
+    latent_space = LatentSpace.load(model_directory)
+    if latent_space is not None:  # image-to-image requests read the VAE's config
+        pipe.register_modules(vae=latent_space)
     return DistriPipeline(pipe.to(device), config)
 
 
@@ -105,6 +114,14 @@ def run_denoise(
         guidance_scale=request.guidance_scale,
         seed=request.seeds,
         scheduler=request.scheduler,
+        **(
+            {}
+            if request.image_moments is None
+            else {
+                "image": LatentPosterior(request.image_moments.to(device)),
+                "strength": request.strength,
+            }
+        ),
         output_type="latent",
         should_stop=should_stop,
         on_step=on_step,

@@ -54,6 +54,14 @@ METRICS = (
         "Graphs torch.compile compiled while serving (a recompile; the warm-up's are not counted)",
         "counter",
     ),
+    MetricSpec(
+        "distrifusion_pass_seconds",
+        "Wall time of one denoising pass of a batch, by pass (text_to_image, image_to_image, "
+        "first_pass, second_pass); a two-pass request's second includes its decode and encode",
+        "histogram",
+        (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    ),
+    MetricSpec("distrifusion_passes_total", "Denoising passes of a batch, by pass", "counter"),
     MetricSpec("distrifusion_images_total", "Images whose latents the UNet stage finished", "counter"),
     MetricSpec("distrifusion_failures_total", "Failed UNet-stage requests, by kind", "counter"),
     MetricSpec("distrifusion_live_ranks", "Live ranks of this instance's patch-parallel group", "gauge"),
@@ -69,10 +77,26 @@ METRICS = (
     ),
 )
 
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, FIRST_PASS, SECOND_PASS = PASSES = (
+    "text_to_image",
+    "image_to_image",
+    "first_pass",
+    "second_pass",
+)
+"""A two-pass request (``first_pass_size``) runs a first pass from the prompt and a second from
+its upscaled image; the others run one pass, from noise or from the request's image."""
 PHASES = ("warmup", "async")
 FAILURE_KINDS = ("invalid_argument", "cancelled", "internal", "unavailable")
 RESTART_REASONS = ("rank_exited", "rank_raised", "deadline")
 GROUP_STATES = ("serving", "rebuilding", "gave_up")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """One denoising pass of a batch (one of :data:`PASSES`)."""
+
+    name: str
+    seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +127,7 @@ def initial_observations(live_ranks: int, state: str) -> list[Observation]:
     for phase in PHASES:
         labels = (("phase", phase),)
         added.append(Observation("distrifusion_unet_steps_total", 0, labels))
+    added += [Observation("distrifusion_passes_total", 0, (("pass", name),)) for name in PASSES]
     added += [Observation("distrifusion_failures_total", 0, (("kind", kind),)) for kind in FAILURE_KINDS]
     added += [
         Observation("distrifusion_group_restarts_total", 0, (("reason", reason),))
@@ -129,9 +154,15 @@ def event_observations(kind: str, details: dict) -> list[Observation]:
     return []
 
 
-def observations(steps: Iterable[StepRecord], outcomes: Iterable[object]) -> list[Observation]:
-    """What the UNet steps and the per-request outcomes of one ``execute()`` add to the metrics."""
+def observations(
+    steps: Iterable[StepRecord], outcomes: Iterable[object], passes: Iterable[PassRecord] = ()
+) -> list[Observation]:
+    """What the UNet steps, passes and per-request outcomes of one ``execute()`` add to the metrics."""
     added: list[Observation] = []
+    for record in passes:
+        labels = (("pass", record.name),)
+        added.append(Observation("distrifusion_pass_seconds", record.seconds, labels))
+        added.append(Observation("distrifusion_passes_total", 1, labels))
     for step in steps:
         phase = (("phase", "warmup" if step.phase == "warmup" else "async"),)
         added.append(Observation("distrifusion_unet_step_seconds", step.seconds, phase))

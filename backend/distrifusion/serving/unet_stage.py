@@ -10,19 +10,26 @@ from __future__ import annotations
 import dataclasses
 import locale
 import os
+import random
 import re
+import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..export.specs import VAE_ENCODER
+from ..pipeline import StepProgress
 from ..unet import StepRecord
+from ..vae.decode import SETTINGS_FILE, DecodeSettings, DecodeTooLarge
 from ..vae.preview import LatentToRgb
-from .denoise import DenoiseRequest
+from .denoise import DenoiseRequest, DenoiseResult
 from .faults import GroupFault, GroupUnavailable
 from .health import HealthBoard, health_directory
+from .metrics import FIRST_PASS, IMAGE_TO_IMAGE, SECOND_PASS, TEXT_TO_IMAGE, PassRecord
 from .progress_channel import TOKEN_FIELD, ProgressSender, stream_directory
 from .stage_config import MODEL_DIRECTORY, STAGE_CONFIG_NAME, RequestSettings, StageConfig
 from .stream_progress import DEFAULT_PREVIEW_SIZE, StreamProgress, StreamSettings
@@ -38,9 +45,15 @@ ENCODER_INPUTS = (
 )
 REQUIRED_INPUTS = (*ENCODER_INPUTS, "negative_given")
 OPTIONAL_INPUTS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler")
+IMAGE_INPUTS = ("input_image", "strength", "first_pass_size")
+"""Image-to-image (``input_image``, ``strength``) and two-pass generation (``first_pass_size``).
+Not ``image``: the ensemble's inputs and outputs share one namespace, and ``image`` is its output."""
+DEFAULT_STRENGTH = 0.6
+SIZE_MULTIPLE = 32
+"""A first pass's sides must be multiples of this (the UNet may ask for more: the group checks)."""
 STREAM_INPUTS = (TOKEN_FIELD, "preview_every", "preview_size")
 """Set by sdxl_stream (through BLS): where this request's progress goes, and its previews."""
-INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS, *STREAM_INPUTS)
+INPUTS = (*REQUIRED_INPUTS, *OPTIONAL_INPUTS, *IMAGE_INPUTS, *STREAM_INPUTS)
 OUTPUTS = ("latents", "seed")
 
 
@@ -50,6 +63,19 @@ def _ignore(kind: str, **details: Any) -> None:
 
 def _either(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: first() or second()
+
+
+class ImageCodec(Protocol):
+    """The VAE stages as the UNet stage calls them (BLS in the served model.py)."""
+
+    def encode(self, images: np.ndarray, height: int, width: int) -> np.ndarray:
+        """uint8 ``[rows, h, w, 3]`` -> ``moments`` ``[rows, 2C, height / 8, width / 8]``
+        (:class:`~distrifusion.serving.vae_stage.VaeEncoderStage`)."""
+        ...
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """``[rows, C, h, w]`` -> uint8 ``[rows, 8h, 8w, 3]``."""
+        ...
 
 
 class Cancelled(Exception):
@@ -69,6 +95,13 @@ class StageRequest:
     seeds: list[int | None]
     scheduler: str | None
     stream: StreamSettings | None = None
+    image: np.ndarray | None = None
+    """Image-to-image: uint8 ``[rows, h, w, 3]``, resized to ``height`` x ``width`` by the encoder."""
+    strength: float = 1.0
+    first_pass: tuple[int, int] | None = None
+    """Two-pass: the first pass's (height, width)."""
+    size_from_image: bool = False
+    """``height`` and ``width`` are the image's (the request named neither)."""
 
     @property
     def rows(self) -> int:
@@ -76,7 +109,23 @@ class StageRequest:
 
     @property
     def batch_key(self) -> tuple:
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.scheduler)
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.image is not None,
+            self.strength,
+            self.first_pass,
+        )
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes this request runs, by their metric name."""
+        if self.first_pass is not None:
+            return (FIRST_PASS, SECOND_PASS)
+        return (IMAGE_TO_IMAGE,) if self.image is not None else (TEXT_TO_IMAGE,)
 
 
 @dataclasses.dataclass
@@ -139,6 +188,15 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], settings: RequestSett
         if seed_values.size != rows or np.any(seed_values < 0):
             raise ConfigError(f"seed: expected one seed >= 0 per prompt ({rows}), got {seed_values.tolist()}")
         seeds = [int(seed) for seed in seed_values]
+    image, strength, first_pass = _image_inputs(inputs, rows, settings)
+    size_from_image = image is not None and inputs.get("height") is None and inputs.get("width") is None
+    if size_from_image:
+        height, width = image.shape[1:3]
+    if first_pass is not None and (first_pass[0] > height or first_pass[1] > width):
+        raise ConfigError(
+            f"first_pass_size: {first_pass[0]}x{first_pass[1]} (height x width) is larger than the "
+            f"request's {height}x{width}; the first pass generates at most the final size"
+        )
     stream = None
     preview_every = _shared_scalar(inputs, "preview_every", rows, int, 0)
     preview_size = _shared_scalar(inputs, "preview_size", rows, int, DEFAULT_PREVIEW_SIZE)
@@ -159,7 +217,59 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], settings: RequestSett
         seeds=seeds,
         scheduler=scheduler_name,
         stream=stream,
+        image=image,
+        strength=strength,
+        first_pass=first_pass,
+        size_from_image=size_from_image,
     )
+
+
+def _image_inputs(
+    inputs: Mapping[str, np.ndarray | None], rows: int, settings: RequestSettings
+) -> tuple[np.ndarray | None, float, tuple[int, int] | None]:
+    """``image``, ``strength`` and ``first_pass_size``, checked; ConfigError names the field."""
+    image = inputs.get("input_image")
+    first_pass = None
+    if image is not None:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 4 or image.shape[0] != rows or image.shape[-1] != 3:
+            raise ConfigError(
+                f"input_image: expected one uint8 [height, width, 3] RGB image per prompt ({rows}), got "
+                f"{image.dtype} of shape {list(image.shape)}"
+            )
+        side = max(settings.max_height, settings.max_width)
+        if max(image.shape[1:3]) > side or min(image.shape[1:3]) < 8:
+            raise ConfigError(
+                f"input_image: {image.shape[2]}x{image.shape[1]} pixels; each side must be 8 to {side} (this "
+                f"deployment's largest side)"
+            )
+    if inputs.get("first_pass_size") is not None:
+        if image is not None:
+            raise ConfigError(
+                "first_pass_size: a two-pass request generates its first pass from the prompt; send "
+                "input_image or first_pass_size, not both"
+            )
+        sizes = np.asarray(inputs["first_pass_size"]).reshape(rows, -1)
+        if sizes.shape[1] != 2 or np.any(sizes != sizes[0]):
+            raise ConfigError(
+                f"first_pass_size: expected one [height, width] per prompt, the same for all, got {sizes.tolist()}"
+            )
+        first_pass = (int(sizes[0][0]), int(sizes[0][1]))
+        if min(first_pass) <= 0 or any(side % SIZE_MULTIPLE for side in first_pass):
+            raise ConfigError(
+                f"first_pass_size: {first_pass[0]}x{first_pass[1]} (height x width) must be positive "
+                f"multiples of {SIZE_MULTIPLE} pixels"
+            )
+    if image is None and first_pass is None:
+        if inputs.get("strength") is not None:
+            raise ConfigError(
+                "strength: only an image-to-image (input_image) or two-pass (first_pass_size) request has one"
+            )
+        return None, 1.0, None
+    strength = _shared_scalar(inputs, "strength", rows, float, DEFAULT_STRENGTH)
+    if not 0 < strength <= 1:
+        raise ConfigError(f"strength: the share of the schedule that runs, in (0, 1], got {strength}")
+    return image, strength, first_pass
 
 
 def denoise_request(requests: list[StageRequest], force_zeros_for_empty_prompt: bool) -> DenoiseRequest:
@@ -216,6 +326,12 @@ class UNetStage:
         self._on_event = on_event
         self._health = HealthBoard(health_directory(self._server))
         self.latent_map = LatentToRgb.load(os.path.join(version_directory, MODEL_DIRECTORY))
+        self._passes: list[PassRecord] = []
+        vae_settings = os.path.join(version_directory, SETTINGS_FILE)
+        self.vae_settings = (
+            DecodeSettings.load(Path(version_directory)) if os.path.isfile(vae_settings) else None
+        )
+        """The VAE stages' budget, to refuse an image-to-image or two-pass request before any work."""
         placement = config.placement
         gpus = placement.instance_gpus(instance, torch.cuda.device_count() if placement.gpus else 0)
         self.group = UNetGroup(
@@ -279,10 +395,16 @@ class UNetStage:
         )
 
     def run(
-        self, inputs: list[Mapping[str, np.ndarray | None]], cancelled: list[Callable[[], bool]]
+        self,
+        inputs: list[Mapping[str, np.ndarray | None]],
+        cancelled: list[Callable[[], bool]],
+        codec: ImageCodec | None = None,
     ) -> list[StageResult | Exception]:
-        """Per request, its result or the exception to report (ConfigError: the client's fault)."""
+        """Per request, its result or the exception to report (ConfigError: the client's fault).
+        ``codec`` runs the VAE stages for image-to-image and two-pass requests (without it they are
+        refused)."""
         senders: dict[int, ProgressSender] = {}
+        self._codec = codec
         try:
             return self._run(inputs, list(cancelled), senders)
         finally:
@@ -303,7 +425,7 @@ class UNetStage:
                 continue
             try:
                 request = parse_request(request_inputs, self.requests)
-                self.group.validate(denoise_request([request], self.force_zeros_for_empty_prompt))
+                self._validate(request)
                 if request.stream is not None:
                     senders[index] = self._connect(request.stream)
             except ConfigError as error:
@@ -339,6 +461,41 @@ class UNetStage:
             outcomes.update(zip(indices, results, strict=True))
         return [outcomes[index] for index in range(len(inputs))]
 
+    def _validate(self, request: StageRequest) -> None:
+        """Every pass of the request against the group (its sizes, and the memory each needs) and
+        the VAE stages' budget, before any work."""
+        target = denoise_request([request], self.force_zeros_for_empty_prompt)
+        try:
+            self.group.validate(target)
+        except ConfigError as error:
+            if request.size_from_image:
+                raise ConfigError(
+                    f"input_image: generating at its size, {request.width}x{request.height}, fails: {error}; send "
+                    "height and width (it is resized to them)"
+                ) from None
+            raise
+        if request.first_pass is not None:
+            height, width = request.first_pass
+            try:
+                self.group.validate(dataclasses.replace(target, height=height, width=width))
+            except ConfigError as error:
+                raise ConfigError(f"first_pass_size: {error}") from None
+        if request.image is None and request.first_pass is None:
+            return
+        if int(request.num_inference_steps * request.strength) < 1:
+            raise ConfigError(
+                f"strength: {request.strength} of {request.num_inference_steps} steps runs none; at least "
+                f"{1 / request.num_inference_steps:.3g} at this step count"
+            )
+        field = "input_image" if request.image is not None else "first_pass_size"
+        if self._codec is None or self.vae_settings is None:
+            raise ConfigError(f"{field}: this deployment has no VAE encoder stage (rebuild its repository)")
+        scale = self.vae_settings.footprint.scale_factor
+        try:
+            self.vae_settings.check(request.height // scale, request.width // scale, stage=VAE_ENCODER)
+        except DecodeTooLarge as error:
+            raise ConfigError(f"{field}: {error}") from None
+
     def _connect(self, stream: StreamSettings) -> ProgressSender:
         if stream.preview_every and self.latent_map is None:
             raise ConfigError(
@@ -359,13 +516,17 @@ class UNetStage:
             if sender is not None and request.stream is not None:
                 progress.add(sender, slice(start, start + request.rows), request.stream)
             start += request.rows
-        result = self.group.denoise(
-            denoise_request(requests, self.force_zeros_for_empty_prompt),
-            should_stop=lambda: self._server_gone() or all(is_cancelled() for is_cancelled in cancelled),
-            on_progress=progress.on_progress if progress else None,
-        )
+
+        def should_stop() -> bool:
+            return self._server_gone() or all(is_cancelled() for is_cancelled in cancelled)
+
+        first = requests[0]
+        batch = denoise_request(requests, self.force_zeros_for_empty_prompt)
+        if first.passes == (TEXT_TO_IMAGE,):
+            result = self._pass(TEXT_TO_IMAGE, batch, should_stop, progress)
+        else:
+            result = self._image_passes(requests, batch, should_stop, progress)
         progress.flush()
-        self._steps.extend(self.group.pipeline.unet.steps)
         if result.interrupted:
             return [Cancelled("request cancelled")] * len(requests)
         outputs: list[StageResult | Exception] = []
@@ -376,6 +537,92 @@ class UNetStage:
             outputs.append(StageResult(latents=result.latents[start:end].numpy().copy(), seeds=seeds))
             start = end
         return outputs
+
+    def _pass(
+        self,
+        name: str,
+        batch: DenoiseRequest,
+        should_stop: Callable[[], bool],
+        progress: StreamProgress,
+        steps_before: int = 0,
+        steps_after: int = 0,
+    ) -> DenoiseResult:
+        """One denoising pass; a stream counts its steps after ``steps_before`` and in a total that
+        includes ``steps_after`` (a two-pass request's progress runs once from 1 to its total)."""
+        on_progress = None
+        if progress:
+
+            def on_progress(step: StepProgress) -> None:
+                total = steps_before + step.total + steps_after
+                progress.on_progress(dataclasses.replace(step, step=steps_before + step.step, total=total))
+
+        started = time.perf_counter()
+        try:
+            return self.group.denoise(batch, should_stop=should_stop, on_progress=on_progress)
+        finally:
+            self._steps.extend(self.group.pipeline.unet.steps)
+            self._passes.append(PassRecord(name, time.perf_counter() - started))
+
+    def _image_passes(
+        self,
+        requests: list[StageRequest],
+        batch: DenoiseRequest,
+        should_stop: Callable[[], bool],
+        progress: StreamProgress,
+    ) -> DenoiseResult:
+        """Image-to-image from the requests' images, or two passes: the first from the prompt at
+        ``first_pass_size``, its image upscaled and refined at the final size; one seed for both."""
+        assert self._codec is not None
+        first = requests[0]
+        batch = dataclasses.replace(
+            batch,
+            seeds=[random.randrange(2**63) if seed is None else seed for seed in batch.seeds],
+            strength=first.strength,
+        )
+        if first.first_pass is None:
+            # Per request: each request's images share a size, a batch's need not.
+            moments = np.concatenate(
+                [self._codec.encode(request.image, first.height, first.width) for request in requests]
+            )
+            return self._pass(
+                IMAGE_TO_IMAGE,
+                dataclasses.replace(batch, image_moments=torch.from_numpy(moments)),
+                should_stop,
+                progress,
+            )
+        pipeline = self.group.pipeline
+        steps = (
+            pipeline.steps_run(batch.num_inference_steps, batch.scheduler),
+            pipeline.steps_run(batch.num_inference_steps, batch.scheduler, first.strength),
+        )
+        height, width = first.first_pass
+        drafted = self._pass(
+            FIRST_PASS,
+            dataclasses.replace(batch, height=height, width=width),
+            should_stop,
+            progress,
+            steps_after=steps[1],
+        )
+        if drafted.interrupted or should_stop():
+            return dataclasses.replace(drafted, interrupted=True)
+        started = time.perf_counter()
+        images = self._codec.decode(drafted.latents.numpy())
+        moments = self._codec.encode(images, first.height, first.width)
+        coding = time.perf_counter() - started
+        refined = self._pass(
+            SECOND_PASS,
+            dataclasses.replace(batch, image_moments=torch.from_numpy(moments)),
+            should_stop,
+            progress,
+            steps_before=steps[0],
+        )
+        self._passes[-1] = dataclasses.replace(self._passes[-1], seconds=self._passes[-1].seconds + coding)
+        return refined
+
+    def take_passes(self) -> list[PassRecord]:
+        """The passes run since the last call (for metrics)."""
+        passes, self._passes = self._passes, []
+        return passes
 
     def _server_gone(self) -> bool:
         # A stub whose tritonserver died would otherwise denoise to the end for nobody.

@@ -1,6 +1,10 @@
-"""The ``vae_decoder`` stage the ensemble calls: a request's latents ``[B, C, h, w]`` -> uint8
-images ``[B, 8h, 8w, 3]``, each image whole or in tiles (:mod:`distrifusion.vae.decode`), through
-the engine models it calls (BLS in its model.py); and what it reports to Prometheus."""
+"""The VAE stages: ``vae_decoder`` (the ensemble's last step) turns a request's latents
+``[B, C, h, w]`` into uint8 images ``[B, 8h, 8w, 3]``; ``vae_encoder`` (called by the UNet stage
+for image-to-image requests) turns uint8 images ``[B, h, w, 3]`` into the scaled posterior's
+``moments`` ``[B, 2C, H/8, W/8]`` at the size asked for. Each image runs whole or in tiles
+(:mod:`distrifusion.vae.decode`, :mod:`distrifusion.vae.encode`) through the engine models its
+model.py calls through BLS; both stages share one :class:`~distrifusion.vae.decode.DecodeSettings`
+(the build writes it to both version folders) and report to Prometheus."""
 
 from __future__ import annotations
 
@@ -11,20 +15,32 @@ import numpy as np
 import torch
 
 from ..vae.decode import DecodeRecord, DecodeSettings, Engine, VaeDecoder
+from ..vae.encode import VaeEncoder
 from .metrics import MetricSpec, Observation
 
 PATHS = ("whole", "tiled")
-METRICS = (
-    MetricSpec(
-        "distrifusion_vae_decodes_total", "Images the VAE stage decoded, by path (whole, tiled)", "counter"
-    ),
-    MetricSpec(
-        "distrifusion_vae_decode_seconds",
-        "Wall time of one image's decode, by path",
-        "histogram",
-        (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
-    ),
-)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def stage_metrics(verb: str) -> tuple[MetricSpec, ...]:
+    """``verb``: ``decode`` or ``encode``."""
+    return (
+        MetricSpec(
+            f"distrifusion_vae_{verb}s_total",
+            f"Images the VAE stage {verb}d, by path (whole, tiled)",
+            "counter",
+        ),
+        MetricSpec(
+            f"distrifusion_vae_{verb}_seconds",
+            f"Wall time of one image's {verb}, by path",
+            "histogram",
+            SECONDS_BUCKETS,
+        ),
+    )
+
+
+METRICS = stage_metrics("decode")
+ENCODER_METRICS = stage_metrics("encode")
 
 
 class VaeStage:
@@ -46,24 +62,44 @@ class VaeStage:
         return np.stack(images), records
 
 
-def initial_observations() -> list[Observation]:
-    return [Observation("distrifusion_vae_decodes_total", 0, (("path", path),)) for path in PATHS]
+class VaeEncoderStage:
+    def __init__(self, settings: DecodeSettings, run: Engine) -> None:
+        self.encoder = VaeEncoder(settings, run)
+
+    @classmethod
+    def load(cls, version_folder: Path, run: Engine) -> VaeEncoderStage:
+        return cls(DecodeSettings.load(version_folder), run)
+
+    def encode(self, images: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[DecodeRecord]]:
+        """Raises :class:`DecodeTooLarge` (before any work) for a size beyond the stage's budget."""
+        self.encoder.check(height, width)
+        moments, records = [], []
+        for image in np.asarray(images, dtype=np.uint8):
+            encoded, record = self.encoder.encode(image, height, width)
+            moments.append(encoded.cpu().numpy())
+            records.append(record)
+        return np.stack(moments), records
 
 
-def observations(records: Iterable[DecodeRecord]) -> list[Observation]:
+def initial_observations(verb: str = "decode") -> list[Observation]:
+    return [Observation(f"distrifusion_vae_{verb}s_total", 0, (("path", path),)) for path in PATHS]
+
+
+def observations(records: Iterable[DecodeRecord], verb: str = "decode") -> list[Observation]:
     added = []
     for record in records:
         path = (("path", record.path),)
-        added.append(Observation("distrifusion_vae_decodes_total", 1, path))
-        added.append(Observation("distrifusion_vae_decode_seconds", record.seconds, path))
+        added.append(Observation(f"distrifusion_vae_{verb}s_total", 1, path))
+        added.append(Observation(f"distrifusion_vae_{verb}_seconds", record.seconds, path))
     return added
 
 
-def log_line(record: DecodeRecord, scale: int) -> str | None:
-    """One line for a tiled decode (the whole ones are the ordinary case)."""
+def log_line(record: DecodeRecord, scale: int, verb: str = "decode") -> str | None:
+    """One line for a tiled decode or encode (the whole ones are the ordinary case)."""
     if not record.tiles:
         return None
+    stage = "vae_decoder" if verb == "decode" else "vae_encoder"
     return (
-        f"vae_decoder: {record.width * scale}x{record.height * scale} decoded in {record.tiles} tiles, "
+        f"{stage}: {record.width * scale}x{record.height * scale} {verb}d in {record.tiles} tiles, "
         f"{record.engine_calls} engine calls, {record.seconds:.1f} s"
     )

@@ -3,8 +3,10 @@
 import json
 import os
 
+import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
-from triton_glue import Metrics, error_response, log, output_tensor
+from triton_glue import Metrics, call_model, error_response, log, output_tensor
 
 from distrifusion.serving.faults import event_log
 from distrifusion.serving.metrics import (
@@ -15,6 +17,22 @@ from distrifusion.serving.metrics import (
     observations,
 )
 from distrifusion.serving.unet_stage import INPUTS, UNetStage
+
+
+class VaeStages:
+    """The VAE stages through BLS, for image-to-image and two-pass requests (the stage's ImageCodec)."""
+
+    def encode(self, images: np.ndarray, height: int, width: int) -> np.ndarray:
+        rows = images.shape[0]
+        inputs = {
+            "image": torch.from_numpy(np.ascontiguousarray(images)),
+            "height": torch.full((rows, 1), height, dtype=torch.int32),
+            "width": torch.full((rows, 1), width, dtype=torch.int32),
+        }
+        return call_model("vae_encoder", inputs, "moments").numpy()
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return call_model("vae_decoder", {"latents": torch.from_numpy(latents)}, "image").numpy()
 
 
 class TritonPythonModel:
@@ -46,8 +64,8 @@ class TritonPythonModel:
             inputs.append(
                 {name: None if tensor is None else tensor.as_numpy() for name, tensor in tensors.items()}
             )
-        outcomes = self.stage.run(inputs, [request.is_cancelled for request in requests])
-        self.metrics.record(observations(self.stage.take_steps(), outcomes))
+        outcomes = self.stage.run(inputs, [request.is_cancelled for request in requests], VaeStages())
+        self.metrics.record(observations(self.stage.take_steps(), outcomes, self.stage.take_passes()))
         return [_response(outcome) for outcome in outcomes]
 
     def finalize(self) -> None:

@@ -11,30 +11,15 @@ from pathlib import Path
 
 import torch
 import triton_python_backend_utils as pb_utils
-from triton_glue import Metrics, error_response, log, output_tensor
+from triton_glue import Metrics, call_model, error_response, log, output_tensor
 
 from distrifusion.serving.vae_stage import METRICS, VaeStage, initial_observations, log_line, observations
 from distrifusion.vae.decode import ENGINE_OUTPUTS, DecodeTooLarge
 
 
-class EngineError(RuntimeError):
-    pass
-
-
 def _run(model: str, inputs: dict) -> torch.Tensor:
-    # A BLS output stays on the device its model produced it on (a TensorRT engine's GPU) unless the
-    # request asks for CPU memory; this stage blends and quantises on the CPU.
-    request = pb_utils.InferenceRequest(
-        model_name=model,
-        requested_output_names=[ENGINE_OUTPUTS[model]],
-        inputs=[pb_utils.Tensor.from_dlpack(name, tensor) for name, tensor in inputs.items()],
-        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
-    )
-    response = request.exec()
-    if response.has_error():
-        raise EngineError(f"{model}: {response.error().message()}")
-    tensor = pb_utils.get_output_tensor_by_name(response, ENGINE_OUTPUTS[model])
-    return torch.from_dlpack(tensor.to_dlpack())
+    # This stage blends and quantises on the CPU.
+    return call_model(model, inputs, ENGINE_OUTPUTS[model])
 
 
 class TritonPythonModel:
