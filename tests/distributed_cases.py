@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from distrifusion.config import ConfigError, DistriConfig, Mode
 from distrifusion.context import PatchContext
 from distrifusion.exchange import Exchange
+from distrifusion.export.wrappers import VaeEncoderExport
 from distrifusion.geometry import BandLayout
+from distrifusion.latent_space import LatentPosterior
 from distrifusion.ops import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from distrifusion.pipeline import DistriPipeline
 
@@ -32,6 +37,24 @@ def run_jobs(jobs: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
     return [fn(*args) for fn, args in jobs]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # one picture is one case: compared by identity
+class EncodedImage:
+    """A picture as the served ``vae_encoder`` stage hands it to the UNet stage: the posterior's
+    moments of the graph it runs (:class:`VaeEncoderExport`); the reference pipeline gets the
+    picture itself and encodes it with diffusers."""
+
+    pixels: np.ndarray
+    """uint8 ``[h, w, 3]``."""
+
+    def posterior(self, vae: torch.nn.Module) -> LatentPosterior:
+        pixels = torch.from_numpy(self.pixels).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            return LatentPosterior(VaeEncoderExport(vae)(pixels))
+
+    def picture(self) -> Image.Image:
+        return Image.fromarray(self.pixels)
+
+
 def generate_cases(model_dir: str, cases: list[dict[str, Any]]) -> list[Any]:
     """Runs each case ``{"config": DistriConfig kwargs, "call": pipeline kwargs}`` on this group.
 
@@ -45,6 +68,8 @@ def generate_cases(model_dir: str, cases: list[dict[str, Any]]) -> list[Any]:
         if key not in pipelines:
             pipelines[key] = DistriPipeline.from_pretrained(model_dir, DistriConfig(**case["config"]))
         call = {"output_type": "latent", **case["call"]}
+        if isinstance(call.get("image"), EncodedImage):
+            call["image"] = call["image"].posterior(pipelines[key].pipe.vae)
         try:
             result = pipelines[key](**call)
         except ConfigError as error:
@@ -73,6 +98,8 @@ def reference_outputs(model_dir: str, calls: list[dict[str, Any]]) -> list[Any]:
         pipe.scheduler = (
             model_scheduler if scheduler is None else make_scheduler(scheduler, model_scheduler.config)
         )
+        if isinstance(call.get("image"), EncodedImage):
+            call["image"] = call["image"].picture()
         generator = torch.Generator("cpu").manual_seed(call.pop("seed"))
         outputs.append(pipe(generator=generator, **call).images)
     return outputs

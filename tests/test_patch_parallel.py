@@ -15,6 +15,7 @@ import pytest
 import torch
 from distributed_cases import (
     CAPTURE_BACKEND,
+    EncodedImage,
     generate_cases,
     patch_op_errors,
     reference_outputs,
@@ -75,6 +76,8 @@ def image_to_image(image: object, strength: float = 0.6, scheduler: str | None =
 # A picture of pixels, and one given as latents (what the served VAE encoder stage hands the UNet).
 PIXELS = Image.fromarray(np.random.default_rng(3).integers(0, 256, (256, 192, 3), dtype=np.uint8))
 LATENTS = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+# The served path: the encoder stage's posterior, sampled by the UNet stage from the seed.
+ENCODED = EncodedImage(np.random.default_rng(5).integers(0, 256, (192, 256, 3), dtype=np.uint8))
 
 
 def full_sync(split_batch: bool = False) -> dict:
@@ -93,12 +96,14 @@ EXACT_CASES = {
         ("sdxl batch of 2", "sdxl", full_sync(), call(prompt=[PROMPT, "a cat"], negative_prompt=None)),
         ("sd15 pndm", "sd15", full_sync(), call()),
         ("sdxl img2img latents dpmpp_2m", "sdxl", full_sync(), image_to_image(LATENTS, 0.5, "dpmpp_2m")),
+        ("sdxl img2img encoded euler", "sdxl", full_sync(), image_to_image(ENCODED, 0.6)),
     ],
     3: [
         ("sdxl uneven 3 bands euler_a", "sdxl", full_sync(), call(scheduler="euler_ancestral")),
         ("sd15 uneven 3 bands unipc", "sd15", full_sync(), call(scheduler="unipc")),
         ("sdxl uneven 3 bands compiled", "sdxl", {**full_sync(), "compile": CAPTURE_BACKEND}, call()),
         ("sdxl img2img pixels euler_a", "sdxl", full_sync(), image_to_image(PIXELS, 0.6, "euler_ancestral")),
+        ("sdxl img2img encoded dpmpp_2m", "sdxl", full_sync(), image_to_image(ENCODED, 0.4, "dpmpp_2m")),
     ],
     4: [
         ("sdxl 4 bands dpmpp_2m", "sdxl", full_sync(), call(scheduler="dpmpp_2m")),
