@@ -2,6 +2,9 @@
 
     python clients/sdxl_client.py --prompt "a lighthouse at dawn" --seed 42 --protocol grpc
     python clients/sdxl_client.py --prompt "a lighthouse at dawn" --stream --preview-every 5
+    python clients/sdxl_client.py --prompt "a lighthouse at dawn" --image sketch.png --strength 0.6
+    python clients/sdxl_client.py --prompt "a lighthouse at dawn" --first-pass 1024x1024 \
+        --width 2048 --height 2048
 
 Prints the latency, the seed of every image (drawn by the server when not given) and whether a
 prompt was cut at CLIP's 77 tokens. ``--stream`` asks the decoupled `sdxl_stream` model over a gRPC
@@ -50,15 +53,23 @@ def build_inputs(
     guidance_scale: float | None = None,
     seeds: list[int] | None = None,
     scheduler: str | None = None,
+    input_image: np.ndarray | None = None,
+    strength: float | None = None,
+    first_pass_size: tuple[int, int] | None = None,
 ) -> list[Any]:
-    """The ensemble's inputs for a batch of prompts; fields left None take the server's defaults."""
+    """The ensemble's inputs for a batch of prompts; fields left None take the server's defaults.
+    ``input_image``: uint8 ``[h, w, 3]`` for every prompt (or ``[rows, h, w, 3]``), image-to-image;
+    ``first_pass_size``: ``(height, width)`` of a two-pass request's first pass."""
     rows = len(prompts)
 
-    def tensor(name: str, values: list, datatype: str, dtype: Any) -> Any:
-        array = np.array(values, dtype=dtype).reshape(rows, 1)
+    def array_input(name: str, array: np.ndarray, datatype: str) -> Any:
+        array = np.ascontiguousarray(array)
         infer_input = module.InferInput(name, list(array.shape), datatype)
         infer_input.set_data_from_numpy(array)
         return infer_input
+
+    def tensor(name: str, values: list, datatype: str, dtype: Any) -> Any:
+        return array_input(name, np.array(values, dtype=dtype).reshape(rows, 1), datatype)
 
     def text(values: list[str]) -> list[bytes]:
         return [value.encode("utf-8") for value in values]
@@ -78,6 +89,15 @@ def build_inputs(
         inputs.append(tensor("seed", seeds, "INT64", np.int64))
     if scheduler is not None:
         inputs.append(tensor("scheduler", text([scheduler] * rows), "BYTES", np.object_))
+    if strength is not None:
+        inputs.append(tensor("strength", [strength] * rows, "FP32", np.float32))
+    if input_image is not None:
+        if input_image.ndim == 3:
+            input_image = np.broadcast_to(input_image, (rows, *input_image.shape))
+        inputs.append(array_input("input_image", input_image, "UINT8"))
+    if first_pass_size is not None:
+        sizes = np.tile(np.array(first_pass_size, dtype=np.int32), (rows, 1))
+        inputs.append(array_input("first_pass_size", sizes, "INT32"))
     return inputs
 
 
@@ -164,6 +184,15 @@ def stream(
     return _outputs(result, time.perf_counter() - started)
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``WxH`` -> ``(height, width)``, the order of the ``first_pass_size`` tensor."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, got {text!r}") from None
+    return height, width
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate images with the sdxl ensemble on Triton.")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -179,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, action="append", help="one per prompt (server default: random)")
     parser.add_argument(
         "--scheduler", help="ddim, euler, euler_ancestral, dpmpp_2m, ... (default: the model's)"
+    )
+    parser.add_argument(
+        "--image", type=Path, help="image-to-image: start from this picture (resized to --height x --width)"
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="with --image or --first-pass: share of the steps that run (default 0.6)",
+    )
+    parser.add_argument(
+        "--first-pass",
+        type=_size,
+        metavar="WxH",
+        help="two-pass: generate at WxH first, upscale and refine at --width x --height",
     )
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--url", help="host:port (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
@@ -213,6 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stream and (args.preview_every, args.preview_size, args.cancel_after) != (None, None, None):
         print("error: --preview-every, --preview-size, --cancel-after: only with --stream", file=sys.stderr)
         return 2
+    if args.image is not None and args.first_pass is not None:
+        print(
+            "error: --image, --first-pass: a two-pass request starts from the prompt; give one",
+            file=sys.stderr,
+        )
+        return 2
+    if args.strength is not None and args.image is None and args.first_pass is None:
+        print("error: --strength: only with --image or --first-pass", file=sys.stderr)
+        return 2
+    input_image = None
+    if args.image is not None:
+        with Image.open(args.image) as picture:
+            input_image = np.asarray(picture.convert("RGB"))
     fields = {
         "prompts": args.prompt,
         "negative_prompts": negative,
@@ -222,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_scale": args.guidance,
         "seeds": args.seed,
         "scheduler": args.scheduler,
+        "input_image": input_image,
+        "strength": args.strength,
+        "first_pass_size": args.first_pass,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -27,6 +27,7 @@ def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _FIRST_ON_THE_SHARED_SERVER = "test_soak.py"
 _SHARED_SERVER_MODULES = (
     "test_high_resolution.py",
+    "test_image_to_image.py",
     "test_perf_analyzer.py",
     "test_server_security.py",
     "test_streaming.py",

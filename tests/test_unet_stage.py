@@ -78,3 +78,45 @@ def test_missing_negative_prompt_means_zero_embeddings() -> None:
     assert torch.count_nonzero(batch.negative_prompt_embeds[0]) > 0
     kept = denoise_request([request], force_zeros_for_empty_prompt=False)
     assert torch.count_nonzero(kept.negative_prompt_embeds[1]) > 0
+
+
+def test_image_inputs_default_and_batch_apart() -> None:
+    image = np.zeros((2, 96, 160, 3), dtype=np.uint8)
+    request = parse_request(inputs(2, input_image=image), LIMITS)
+    assert (request.height, request.width, request.strength, request.size_from_image) == (96, 160, 0.6, True)
+    assert request.passes == ("image_to_image",)
+    sized = parse_request(
+        inputs(2, input_image=image, height=np.full((2, 1), 512), width=np.full((2, 1), 512)), LIMITS
+    )
+    assert (sized.height, sized.width, sized.size_from_image) == (512, 512, False)
+    two_pass = parse_request(
+        inputs(2, first_pass_size=np.array([[256, 320], [256, 320]], dtype=np.int32)), LIMITS
+    )
+    assert two_pass.first_pass == (256, 320) and two_pass.strength == 0.6
+    assert two_pass.passes == ("first_pass", "second_pass")
+    plain = parse_request(inputs(2), LIMITS)
+    assert plain.passes == ("text_to_image",) and plain.strength == 1.0
+    assert len({plain.batch_key, sized.batch_key, two_pass.batch_key}) == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"input_image": np.zeros((2, 64, 64, 3), dtype=np.float32)},
+            r"input_image: expected one uint8 .* got float32",
+        ),
+        ({"input_image": np.zeros((1, 64, 64, 3), dtype=np.uint8)}, r"input_image: .* per prompt \(2\)"),
+        (
+            {"first_pass_size": np.array([[256, 256], [512, 512]], dtype=np.int32)},
+            r"first_pass_size: .* the same for all",
+        ),
+        (
+            {"first_pass_size": np.array([[0, 256], [0, 256]], dtype=np.int32)},
+            r"first_pass_size: 0x256 .* positive multiples of 32",
+        ),
+    ],
+)
+def test_bad_image_fields_are_named(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_request(inputs(2, **fields), LIMITS)

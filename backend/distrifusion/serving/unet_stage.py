@@ -145,7 +145,10 @@ def _shared_scalar(
     flat = np.asarray(value).reshape(-1)
     if flat.size != rows:
         raise ConfigError(f"{name}: expected one value per prompt ({rows}), got {flat.size}")
-    if np.any(flat != flat[0]):
+    differs = flat != flat[0]
+    if flat.dtype.kind == "f":  # NaN is checked as a value, by the field's own rule
+        differs &= ~(np.isnan(flat) & np.isnan(flat[0]))
+    if np.any(differs):
         raise ConfigError(f"{name}: every prompt of one request must use the same value, got {flat.tolist()}")
     return kind(flat[0])
 
@@ -268,7 +271,7 @@ def _image_inputs(
         return None, 1.0, None
     strength = _shared_scalar(inputs, "strength", rows, float, DEFAULT_STRENGTH)
     if not 0 < strength <= 1:
-        raise ConfigError(f"strength: the share of the schedule that runs, in (0, 1], got {strength}")
+        raise ConfigError(f"strength: the share of the schedule that runs, in (0, 1], got {strength:g}")
     return image, strength, first_pass
 
 
@@ -484,7 +487,7 @@ class UNetStage:
             return
         if int(request.num_inference_steps * request.strength) < 1:
             raise ConfigError(
-                f"strength: {request.strength} of {request.num_inference_steps} steps runs none; at least "
+                f"strength: {request.strength:g} of {request.num_inference_steps} steps runs none; at least "
                 f"{1 / request.num_inference_steps:.3g} at this step count"
             )
         field = "input_image" if request.image is not None else "first_pass_size"
