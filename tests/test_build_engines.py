@@ -37,6 +37,7 @@ from distrifusion.export import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     VAE_DECODER,
+    VAE_ENCODER_ENGINES,
     VAE_ENGINES,
     VAE_TILE_STATISTICS,
     VAE_TILES,
@@ -49,6 +50,7 @@ from distrifusion.export import (
     stage_modules,
     text_encoder_cases,
     vae_decoder_cases,
+    vae_encoder_cases,
 )
 from distrifusion.serving.faults import FaultPolicy
 from distrifusion.serving.stage_config import STAGE_CONFIG_NAME, Placement, RequestSettings, StageConfig
@@ -63,7 +65,9 @@ BOS, EOS = 49406, 49407
 SERVING_MODELS = {"sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
 # The VAE stage's engines (called through BLS), the streamed model (the ensemble's steps through BLS)
 # and the supervisor's gate: not the ensemble's steps.
-EXPECTED_MODELS = SERVING_MODELS | set(VAE_ENGINES) | {"readiness_gate", "sdxl_stream"}
+ALL_VAE_ENGINES = (*VAE_ENGINES, *VAE_ENCODER_ENGINES)
+# ... and the image-to-image encoder stage the UNet stage calls (BLS), with its engines.
+EXPECTED_MODELS = SERVING_MODELS | set(ALL_VAE_ENGINES) | {"readiness_gate", "sdxl_stream", "vae_encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,8 @@ def exported(pipe, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, (module, spec) in modules.items():
         if name in VAE_ENGINES:
             example = vae_decoder_cases(4, [(2, 8, 8)], module=module)[0]
+        elif name in VAE_ENCODER_ENGINES:
+            example = vae_encoder_cases([(2, 64, 64)], module=module)[0]
         else:
             example = {"input_ids": ids}
         exported_stage = export_stage(module, spec, out / name / "model.onnx", example)
@@ -328,9 +334,9 @@ def test_cpu_vae_graphs_run_attention_fused_within_the_cost_model(cpu_repo: Path
 
     from benchmarks.vae_memory import measure
 
-    for name in (TEXT_ENCODER, *VAE_ENGINES):
+    for name in (TEXT_ENCODER, *ALL_VAE_ENGINES):
         ops = {node.op_type for node in onnx.load(str(cpu_repo / name / "1" / "model.onnx")).graph.node}
-        assert ("MultiHeadAttention" in ops) == (name in VAE_ENGINES), name
+        assert ("MultiHeadAttention" in ops) == (name in ALL_VAE_ENGINES), name
     settings = DecodeSettings.load(cpu_repo / VAE_DECODER / "1")
     assert not settings.attention_materialised
     for engine, batch, side in ((VAE_WHOLE, 1, 96), (VAE_TILE_STATISTICS, 2, 48), (VAE_TILES, 2, 48)):
@@ -343,7 +349,7 @@ def test_cpu_vae_graphs_run_attention_fused_within_the_cost_model(cpu_repo: Path
 
 def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None:
     assert {p.name for p in cpu_repo.iterdir() if p.is_dir()} == EXPECTED_MODELS
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *ALL_VAE_ENGINES):
         assert {p.name for p in (cpu_repo / name / "1").iterdir()} == {
             "model.onnx",
             "model.py",
@@ -367,7 +373,8 @@ def test_cpu_build_writes_a_complete_loadable_repository(cpu_repo: Path) -> None
     for name in SERVING_MODELS:
         assert configs[name].max_batch_size == 3, name
     assert configs[VAE_WHOLE].max_batch_size == 1  # the stage decodes one image per call
-    for name in (VAE_TILE_STATISTICS, VAE_TILES):
+    assert configs["vae_encoder_whole"].max_batch_size == 1
+    for name in (VAE_TILE_STATISTICS, VAE_TILES, "vae_encoder_tile_statistics", "vae_encoder_tiles"):
         assert configs[name].max_batch_size == settings.tiles_per_call
     for name, config in configs.items():
         assert validate_config(config) == [], name
@@ -389,6 +396,9 @@ def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path
         "guidance_scale": ("TYPE_FP32", [1]),
         "seed": ("TYPE_INT64", [1]),
         "scheduler": ("TYPE_STRING", [1]),
+        "input_image": ("TYPE_UINT8", [-1, -1, 3]),
+        "strength": ("TYPE_FP32", [1]),
+        "first_pass_size": ("TYPE_INT32", [2]),
     }
     # The tokenizer takes every request input (it ignores the generation options: they only let a
     # request without a prompt reach it), so it can name a missing prompt in its error.
@@ -418,10 +428,11 @@ def test_tensor_names_and_dims_are_consistent_across_the_ensemble(cpu_repo: Path
     # All optional, `prompt` too: a missing prompt must reach the tokenizer, which names it in an
     # INVALID_ARG error (tritonserver 2.51's ensemble only reports an unnamed deadlock).
     names = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
-    assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler"), True)
+    image_inputs = ("input_image", "strength", "first_pass_size")
+    assert ensemble_inputs == dict.fromkeys((*names, "seed", "scheduler", *image_inputs), True)
     assert configs["tokenizer"].input[0].name == "prompt" and configs["tokenizer"].input[0].optional
     assert check_ensemble(configs["sdxl"], configs) == []
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, *VAE_ENGINES, "tokenizer"):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, "vae_encoder", *ALL_VAE_ENGINES, "tokenizer"):
         assert configs[name].backend == "python" and not configs[name].platform
         assert "platform" not in (cpu_repo / name / "config.pbtxt").read_text()
 
@@ -449,7 +460,9 @@ def test_unet_stage_gets_its_settings_file_and_a_diffusers_directory(cpu_repo: P
         "model_index.json",
         "scheduler",
         "unet",
+        "vae",  # its config only: image-to-image reads the latent scaling
     ]
+    assert [p.name for p in (model / "vae").iterdir()] == ["config.json"]
     assert LatentToRgb.load(model) == LatentToRgb.sdxl()
     index = json.loads((model / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["scheduler"][0] == "diffusers"
@@ -466,14 +479,14 @@ def test_manifest_records_the_checks(cpu_repo: Path) -> None:
     manifest = json.loads((cpu_repo / "build_manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["max_batch_size"] == 3
     assert manifest["stages"][VAE_DECODER]["decode_settings"]["tile"] == 128  # the VAE's sample_size / 8
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *ALL_VAE_ENGINES):
         check = manifest["stages"][name]["onnx_check"]
         assert all(err <= check["limit"][out] for out, err in check["max_abs_error"].items())
     assert manifest["stages"]["unet"]["stage_config"]["placement"] == {"ranks": 2, "threads_per_rank": 1}
     # The cpu graphs pass TensorRT's parser rules too, but for ONNX Runtime's fused attention, the
     # declared stand-in of the VAE's (the gpu target exports it as MatMul, Softmax, MatMul).
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
-        fused = ["com.microsoft.MultiHeadAttention"] if name in VAE_ENGINES else []
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *ALL_VAE_ENGINES):
+        fused = ["com.microsoft.MultiHeadAttention"] if name in ALL_VAE_ENGINES else []
         assert manifest["stages"][name]["tensorrt_parser_rules"] == {
             "passed": True,
             "stand_ins": fused,
@@ -489,7 +502,7 @@ def test_the_gpu_build_hands_tensorrt_graphs_its_parser_takes(gpu_build: tuple[P
     the gpu build stopped after the text encoders. Every graph is now checked against the parser's
     rules in the build, at its engine profile's largest shapes."""
     repo, profiles = gpu_build
-    assert set(profiles) == {TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES}
+    assert set(profiles) == {TEXT_ENCODER, TEXT_ENCODER_2, *ALL_VAE_ENGINES}
     manifest = json.loads((repo / "build_manifest.json").read_text())
     for name, profile in profiles.items():
         rules = manifest["stages"][name]["tensorrt_parser_rules"]
@@ -505,7 +518,7 @@ def test_every_tensorrt_model_gets_one_instance_on_the_first_gpu_of_each_unet_gr
     """KIND_GPU without a gpus list starts an instance on every GPU the server sees: 5 engines x 4
     GPUs, each reserving its profile's largest shapes beside the UNet ranks."""
     configs = check_repository(gpu_build[0])
-    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *VAE_ENGINES):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2, *ALL_VAE_ENGINES):
         (group,) = configs[name].instance_group
         assert configs[name].platform == "tensorrt_plan"
         assert (group.kind, list(group.gpus), group.count) == (ModelInstanceGroup.KIND_GPU, [0, 2], 1), name

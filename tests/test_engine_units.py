@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from distributed_cases import EncodedImage, reference_outputs
 from torch import nn
 
 from distrifusion.config import ConfigError, DistriConfig, Mode
@@ -14,7 +16,8 @@ from distrifusion.context import PatchContext
 from distrifusion.geometry import BandLayout, ModelGeometry
 from distrifusion.ops import PatchGroupNorm
 from distrifusion.ops.group_norm import corrected_moments, local_moments, merge_moments
-from distrifusion.pipeline import DistriPipeline
+from distrifusion.pipeline import DistriPipeline, StepProgress
+from distrifusion.schedulers import SCHEDULERS
 
 
 def test_uneven_bands_stay_aligned_at_every_level() -> None:
@@ -210,3 +213,32 @@ def test_one_rank_returns_images_latents_and_the_seed(single_rank_pipeline: Dist
         prompt="a cat", height=128, width=192, num_inference_steps=2, seed=result.seed
     )
     assert torch.equal(again.latents, result.latents)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_the_served_image_to_image_is_diffusers_for_every_scheduler(
+    single_rank_pipeline: DistriPipeline, tiny_sdxl_dir: Path, scheduler: str
+) -> None:
+    """The encoder stage's posterior, sampled from the seed, against diffusers' img2img pipeline on
+    the picture (it encodes and samples itself); and the steps the stream announces are the steps
+    that run (Heun's second-order steps count twice)."""
+    picture = EncodedImage(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    progress: list[StepProgress] = []
+    call = {"prompt": "a cat", "strength": 0.5, "num_inference_steps": 6, "seed": 3, "scheduler": scheduler}
+    result = single_rank_pipeline(
+        image=picture.posterior(single_rank_pipeline.pipe.vae),
+        output_type="latent",
+        on_progress=progress.append,
+        **call,
+    )
+    (expected,) = reference_outputs(str(tiny_sdxl_dir), [{**call, "image": picture}])
+    torch.testing.assert_close(result.latents, expected, atol=1e-5, rtol=1e-5)
+    announced = single_rank_pipeline.steps_run(6, scheduler, 0.5)
+    assert [update.step for update in progress] == list(range(1, announced + 1))
+    assert {update.total for update in progress} == {announced}
+    progress.clear()
+    single_rank_pipeline(
+        prompt="a cat", height=64, width=96, num_inference_steps=6, seed=3, scheduler=scheduler,
+        output_type="latent", on_progress=progress.append,
+    )  # fmt: skip
+    assert len(progress) == single_rank_pipeline.steps_run(6, scheduler) == progress[-1].total

@@ -18,11 +18,21 @@ from tritonclient.utils import InferenceServerException
 
 from clients.sdxl_client import StepUpdate, generate, stream
 from demo_model.scenes import random_scene, render
-from distrifusion.serving.cpu_server import CpuServer, metric_total, scrape_metrics, shared_cpu_server
+from distrifusion.serving.cpu_server import (
+    CpuServer,
+    cpu_repository,
+    metric_total,
+    scrape_metrics,
+    shared_cpu_server,
+)
+from distrifusion.vae.decode import DecodeSettings
+from distrifusion.vae.quality import border_contrast, tile_borders
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 SCENE = random_scene(11)
+MIN_PIXEL_STD = 8.0
+MAX_BORDER_CONTRAST = 1.5  # as test_high_resolution's
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +74,39 @@ def test_an_image_to_image_request_follows_its_picture_at_1024(server: CpuServer
     assert _added(before, after, "distrifusion_unet_steps_total") == 2
 
 
-def test_a_two_pass_request_refines_its_first_pass_at_2048_in_tiles(server: CpuServer) -> None:
+def test_a_two_pass_request_refines_its_first_pass_at_2048_in_tiles(
+    server: CpuServer, tmp_path: Path
+) -> None:
+    """Also the served 2048² tiled decode's check (test_high_resolution's other size): the final
+    decode is the ensemble's own, tiled above 1024²."""
     before = scrape_metrics(server.metrics)
-    fields = {"prompts": [SCENE.caption], "seeds": [6], "height": 2048, "width": 2048,
-              "num_inference_steps": 2, "strength": 0.5, "first_pass_size": (1024, 1024)}  # fmt: skip
-    result = generate(server.grpc, **fields)
-    (pixels,) = result["images"]
-    assert pixels.shape == (2048, 2048, 3) and result["seeds"] == [6]
-    assert pixels.std() > 8 and 16 < pixels.mean() < 240, (pixels.mean(), pixels.std())
+    command = [sys.executable, "-m", "clients.sdxl_client", "--url", server.grpc, "--prompt", SCENE.caption,
+               "--seed", "6", "--first-pass", "1024x1024", "--strength", "0.5", "--width", "2048",
+               "--height", "2048", "--steps", "2", "--output-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["seeds"] == [6]
+    with Image.open(summary["images"][0]) as image:
+        assert (image.size, image.mode) == ((2048, 2048), "RGB")
+        pixels = np.asarray(image)
+    assert pixels.std() > MIN_PIXEL_STD and 16 < pixels.mean() < 240, (pixels.mean(), pixels.std())
+    plan = DecodeSettings.load(cpu_repository() / "vae_decoder" / "1").plan(2048 // 8, 2048 // 8)
+    scale = plan.scale
+    seams = border_contrast(pixels, tile_borders([r * scale for r in plan.rows], plan.tile_height * scale),
+                            tile_borders([c * scale for c in plan.columns], plan.tile_width * scale))  # fmt: skip
+    print(f"two-pass 2048²: mean {pixels.mean():.1f}, std {pixels.std():.1f}, border contrast {seams:.2f}")
+    assert len(plan) > 1 and seams < MAX_BORDER_CONTRAST, seams
     after = scrape_metrics(server.metrics)
     for name in ("first_pass", "second_pass"):
         assert _added(before, after, "distrifusion_passes_total", **{"pass": name}) == 1, name
     assert _added(before, after, "distrifusion_vae_encodes_total", path="tiled") == 1
+    # The first pass's 1024² decodes whole (between the passes), the final 2048² in tiles.
+    assert _added(before, after, "distrifusion_vae_decodes_total", path="whole") == 1
+    assert _added(before, after, "distrifusion_vae_decodes_total", path="tiled") == 1
     assert _added(before, after, "distrifusion_unet_steps_total") == 2 + 1
     log = server.log_tail(200_000)
-    assert "vae_encoder: 2048x2048 encoded in " in log
+    assert "vae_encoder: 2048x2048 encoded in " in log and "vae_decoder: 2048x2048 decoded in " in log
 
 
 def test_two_passes_at_512_match_their_parts_and_one_seed_repeats(server: CpuServer) -> None:

@@ -560,11 +560,10 @@ class UNetStage:
                 progress.on_progress(dataclasses.replace(step, step=steps_before + step.step, total=total))
 
         started = time.perf_counter()
-        try:
-            return self.group.denoise(batch, should_stop=should_stop, on_progress=on_progress)
-        finally:
-            self._steps.extend(self.group.pipeline.unet.steps)
-            self._passes.append(PassRecord(name, time.perf_counter() - started))
+        result = self.group.denoise(batch, should_stop=should_stop, on_progress=on_progress)
+        self._steps.extend(self.group.pipeline.unet.steps)
+        self._passes.append(PassRecord(name, time.perf_counter() - started))
+        return result
 
     def _image_passes(
         self,

@@ -22,25 +22,31 @@ PATHS = ("whole", "tiled")
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-def stage_metrics(verb: str) -> tuple[MetricSpec, ...]:
-    """``verb``: ``decode`` or ``encode``."""
-    return (
-        MetricSpec(
-            f"distrifusion_vae_{verb}s_total",
-            f"Images the VAE stage {verb}d, by path (whole, tiled)",
-            "counter",
-        ),
-        MetricSpec(
-            f"distrifusion_vae_{verb}_seconds",
-            f"Wall time of one image's {verb}, by path",
-            "histogram",
-            SECONDS_BUCKETS,
-        ),
-    )
-
-
-METRICS = stage_metrics("decode")
-ENCODER_METRICS = stage_metrics("encode")
+METRICS = (
+    MetricSpec(
+        "distrifusion_vae_decodes_total", "Images the VAE stage decoded, by path (whole, tiled)", "counter"
+    ),
+    MetricSpec(
+        "distrifusion_vae_decode_seconds",
+        "Wall time of one image's decode, by path",
+        "histogram",
+        SECONDS_BUCKETS,
+    ),
+)
+ENCODER_METRICS = (
+    MetricSpec(
+        "distrifusion_vae_encodes_total",
+        "Images the VAE encoder stage encoded, by path (whole, tiled)",
+        "counter",
+    ),
+    MetricSpec(
+        "distrifusion_vae_encode_seconds",
+        "Wall time of one image's encode, by path",
+        "histogram",
+        SECONDS_BUCKETS,
+    ),
+)
+"""Each stage's (count, seconds) metrics."""
 
 
 class VaeStage:
@@ -81,16 +87,19 @@ class VaeEncoderStage:
         return np.stack(moments), records
 
 
-def initial_observations(verb: str = "decode") -> list[Observation]:
-    return [Observation(f"distrifusion_vae_{verb}s_total", 0, (("path", path),)) for path in PATHS]
+def initial_observations(metrics: tuple[MetricSpec, ...] = METRICS) -> list[Observation]:
+    return [Observation(metrics[0].name, 0, (("path", path),)) for path in PATHS]
 
 
-def observations(records: Iterable[DecodeRecord], verb: str = "decode") -> list[Observation]:
+def observations(
+    records: Iterable[DecodeRecord], metrics: tuple[MetricSpec, ...] = METRICS
+) -> list[Observation]:
+    count, seconds = metrics
     added = []
     for record in records:
         path = (("path", record.path),)
-        added.append(Observation(f"distrifusion_vae_{verb}s_total", 1, path))
-        added.append(Observation(f"distrifusion_vae_{verb}_seconds", record.seconds, path))
+        added.append(Observation(count.name, 1, path))
+        added.append(Observation(seconds.name, record.seconds, path))
     return added
 
 

@@ -42,7 +42,7 @@ class TritonPythonModel:
         self.metrics = Metrics(
             ENCODER_METRICS, {"model": args["model_name"], "instance": args["model_instance_name"]}
         )
-        self.metrics.record(initial_observations("encode"))
+        self.metrics.record(initial_observations(ENCODER_METRICS))
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -58,7 +58,7 @@ class TritonPythonModel:
             except Exception as error:  # an engine's failure fails this request, not the stage
                 responses.append(error_response(f"vae_encoder: {error}"))
                 continue
-            self.metrics.record(observations(records, "encode"))
+            self.metrics.record(observations(records, ENCODER_METRICS))
             for record in records:
                 line = log_line(record, self.scale, "encode")
                 if line is not None:
