@@ -10,6 +10,7 @@ that predict data (DPM-Solver++, UniPC with ``predict_x0``) keep it as their lat
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,6 +27,11 @@ class CleanLatentProbe:
     def __enter__(self) -> CleanLatentProbe:
         original = self.scheduler.step
 
+        # With the original's signature (``inspect.signature`` follows ``__wrapped__``): diffusers'
+        # pipelines pass ``generator`` and ``eta`` only to a step whose signature names them, and an
+        # ancestral step without the request's generator draws from the global RNG (its result then
+        # differs from the unstreamed one).
+        @functools.wraps(original)
         def step(
             model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
         ) -> Any:
