@@ -45,7 +45,15 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def test_ready_and_metadata(server: CpuServer) -> None:
     with httpclient.InferenceServerClient(server.http) as client:
         assert client.is_server_live() and client.is_server_ready()
-        for model in ("sdxl", "tokenizer", "text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        for model in (
+            "sdxl",
+            "tokenizer",
+            "text_encoder",
+            "text_encoder_2",
+            "unet",
+            "vae_decoder",
+            "vae_encoder",
+        ):
             assert client.is_model_ready(model), model
     metadata = grpcclient.InferenceServerClient(server.grpc).get_model_metadata("sdxl", as_json=True)
     inputs = {entry["name"]: entry["datatype"] for entry in metadata["inputs"]}
@@ -58,6 +66,9 @@ def test_ready_and_metadata(server: CpuServer) -> None:
         "guidance_scale": "FP32",
         "seed": "INT64",
         "scheduler": "BYTES",
+        "input_image": "UINT8",
+        "strength": "FP32",
+        "first_pass_size": "INT32",
     }
     assert {entry["name"] for entry in metadata["outputs"]} == {"image", "used_seed", "truncated"}
 
