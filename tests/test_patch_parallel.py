@@ -141,6 +141,8 @@ def approximate_cases(world: int) -> list[tuple[str, str, dict, dict]]:
         cases.append((f"{mode} small", "sdxl", config, call(height=smallest, width=64, steps=5)))
         if world == 2:  # thin bands are the 4-rank risk, and the small case has them
             cases.append((f"{mode} large", "sdxl", config, call(height=384, width=512, steps=3)))
+            # From the encoder's posterior (the phases count from the first step that runs).
+            cases.append((f"{mode} img2img", "sdxl", config, image_to_image(ENCODED, 0.6)))
     corrected = {"mode": "corrected_async_gn", "warmup_steps": 2}
     cases += [
         ("corrected_async_gn image", "sdxl", corrected, IMAGE_CALL),
@@ -264,7 +266,7 @@ def test_async_modes_are_finite_at_small_and_large_sizes(world_outputs) -> None:
     if world == 3:
         pytest.skip("async modes are checked on 2 and 4 ranks")
     for mode in ASYNC_MODES:
-        for size in ("small", "large") if world == 2 else ("small",):
+        for size in ("small", "large", "img2img") if world == 2 else ("small",):
             latents = outputs[f"{mode} {size}"]
             assert torch.isfinite(latents).all(), f"{world} ranks, {mode} {size}: non-finite latents"
             assert latents.abs().max() > 0, f"{world} ranks, {mode} {size}: all-zero latents"
