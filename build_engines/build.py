@@ -803,30 +803,15 @@ def _build(
                 engine_gpus,
             )
             write_config(repo / name, msg, generated.format(name=name) + f"\nTarget: {args.target}.")
-        msg = stage_config(
-            load_template(templates, VAE_DECODER),
-            vae_decoder_spec(modules[VAE_WHOLE][1].inputs[0].dims[0]),
-            max_batch,
-            None,
-            "KIND_CPU",
+        latent_channels = modules[VAE_WHOLE][1].inputs[0].dims[0]
+        python_stages = (
+            (TOKENIZER, tokenizer_spec(tokenizers.max_length)),
+            (VAE_DECODER, vae_decoder_spec(latent_channels)),
+            (VAE_ENCODER, vae_encoder_stage_spec(latent_channels)),
         )
-        write_config(repo / VAE_DECODER, msg, generated.format(name=VAE_DECODER))
-        msg = stage_config(
-            load_template(templates, VAE_ENCODER),
-            vae_encoder_stage_spec(modules[VAE_WHOLE][1].inputs[0].dims[0]),
-            max_batch,
-            None,
-            "KIND_CPU",
-        )
-        write_config(repo / VAE_ENCODER, msg, generated.format(name=VAE_ENCODER))
-        msg = stage_config(
-            load_template(templates, TOKENIZER),
-            tokenizer_spec(tokenizers.max_length),
-            max_batch,
-            None,
-            "KIND_CPU",
-        )
-        write_config(repo / TOKENIZER, msg, generated.format(name=TOKENIZER))
+        for name, spec in python_stages:
+            msg = stage_config(load_template(templates, name), spec, max_batch, None, "KIND_CPU")
+            write_config(repo / name, msg, generated.format(name=name))
         unet_template_config = load_template(unet_template.parent, unet_template.name)
         instances = unet_stage.placement.instances
         queue = (
