@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from distrifusion.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads_restored() -> Iterator[None]:
-    """Each module gets this process's torch thread count back. Reference runs pin it to 1 (to match
-    ranks of one thread each) and a UNetGroup sets it for its rank 0 here: left pinned, every later
-    module ran its in-process work on one of the two cores."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
